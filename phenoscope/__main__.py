@@ -1,0 +1,4 @@
+from phenoscope.cli import main
+import sys
+
+sys.exit(main())

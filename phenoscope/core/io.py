@@ -1,0 +1,89 @@
+"""Image reading and atomic file output."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".npy")
+
+
+def imread(path: str | Path) -> np.ndarray:
+    """Read an image file into a numpy array (axes as stored: YX, YXC, CYX or ZYX...).
+
+    PNG/JPEG/BMP via Pillow, TIFF via tifffile, ``.npy`` via numpy (``allow_pickle=False``).
+    Raises ``ValueError`` with the file name for empty, truncated or unreadable files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            arr = tifffile.imread(path)
+        elif suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+                arr = np.asarray(im)
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # corrupt / truncated files
+        raise ValueError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
+    if arr.size == 0:
+        raise ValueError(f"{path}: image has no pixels (shape {arr.shape})")
+    return arr
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
+    """Open a temp file beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
+    """Yield a temp *path* beside ``path`` for writers that need a file name; renamed on success."""
+
+    @contextlib.contextmanager
+    def _ctx() -> Iterator[Path]:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    return _ctx()
+
+
+def imwrite_tiff(path: str | Path, arr: np.ndarray, **kwargs) -> None:
+    """Write ``arr`` as a (zlib-compressed) TIFF atomically."""
+    import tifffile
+
+    with atomic_write(path) as fh:
+        tifffile.imwrite(fh, arr, compression="zlib", **kwargs)
