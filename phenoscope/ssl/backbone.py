@@ -1,0 +1,180 @@
+"""Vision Transformer backbones for multi-channel cell images.
+
+``CellViT`` is a timm ``VisionTransformer`` with any number of input channels, optional
+register tokens, a learnable ``mask_token`` (for iBOT / masked inputs) and DINOv2's
+position-embedding interpolation (bicubic with ``interpolate_offset``), so that imported
+DINOv2 / Cell-DINO checkpoints give the reference outputs at any resolution.
+
+``BagOfChannels`` embeds every channel separately with a 1-channel ``CellViT`` and
+concatenates the per-channel embeddings (channel-adaptive Cell-DINO).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+# name -> (embed_dim, depth, num_heads), as in dinov2 / timm.
+ARCHS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+
+
+@dataclass
+class ViTConfig:
+    """Backbone options. ``depth``/``embed_dim``/``num_heads`` of 0 take the ``arch`` preset."""
+
+    arch: str = "vit_small"
+    in_chans: int = 3
+    patch_size: int = 16
+    img_size: int = 224  # pixels; sets the size of the stored position-embedding grid
+    num_registers: int = 0
+    init_values: float | None = None  # layer-scale init (dinov2 trains with 1e-5); None = no layer scale
+    drop_path_rate: float = 0.0
+    interpolate_offset: float = 0.1
+    embed_dim: int = 0
+    depth: int = 0
+    num_heads: int = 0
+    mlp_ratio: float = 4.0
+
+    def resolved(self) -> ViTConfig:
+        """Copy with the ``arch`` preset filled into zero-valued size fields; validates values."""
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; known: {sorted(ARCHS)}")
+        if self.patch_size not in (8, 14, 16):
+            raise ValueError(f"patch_size must be 8, 14 or 16, got {self.patch_size}")
+        if self.in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {self.in_chans}")
+        dim, depth, heads = ARCHS[self.arch]
+        return dataclasses.replace(
+            self,
+            embed_dim=self.embed_dim or dim,
+            depth=self.depth or depth,
+            num_heads=self.num_heads or heads,
+        )
+
+
+def interpolate_pos_embed_dinov2(
+    pos_embed: torch.Tensor, height: int, width: int, patch_size: int, offset: float = 0.1
+) -> torch.Tensor:
+    """DINOv2's resampling of a square patch position grid to an image of ``height×width`` px.
+
+    Args:
+        pos_embed: (1, M*M, D) patch position embeddings (no class token).
+        height, width: input image size in pixels.
+    Returns:
+        (1, (height // p) * (width // p), D) in ``pos_embed``'s dtype. Identity when the grid
+        already matches and the image is square, exactly like the reference.
+    """
+    n, dim = pos_embed.shape[1], pos_embed.shape[2]
+    m = int(math.sqrt(n))
+    if m * m != n:
+        raise ValueError(f"position grid must be square, got {n} positions")
+    gh, gw = height // patch_size, width // patch_size
+    if gh * gw == n and height == width:
+        return pos_embed
+    grid = pos_embed.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    scale = ((gh + offset) / m, (gw + offset) / m)
+    grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")
+    if grid.shape[-2:] != (gh, gw):
+        raise ValueError(f"interpolated grid {tuple(grid.shape[-2:])} != expected {(gh, gw)}")
+    return grid.permute(0, 2, 3, 1).reshape(1, gh * gw, dim).to(pos_embed.dtype)
+
+
+class CellViT(VisionTransformer):
+    """timm ViT with dinov2 token layout ``[cls, registers..., patches]`` and masked inputs.
+
+    The class-token position embedding is folded into ``cls_token`` (timm's
+    ``no_embed_class`` layout), so ``pos_embed`` holds patch positions only.
+    """
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        cfg = cfg.resolved()
+        super().__init__(
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            in_chans=cfg.in_chans,
+            num_classes=0,
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            qkv_bias=True,
+            init_values=cfg.init_values,
+            class_token=True,
+            no_embed_class=True,
+            reg_tokens=cfg.num_registers,
+            dynamic_img_size=True,
+            drop_path_rate=cfg.drop_path_rate,
+        )
+        self.cfg = cfg
+        self.mask_token = nn.Parameter(torch.zeros(1, cfg.embed_dim))
+
+    @property
+    def n_prefix(self) -> int:
+        return 1 + self.cfg.num_registers
+
+    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Normalised tokens of images ``x`` (B, C, H, W).
+
+        Args:
+            masks: optional bool (B, N) with N = (H//p)*(W//p); True patches are replaced by
+                ``mask_token`` before the position embedding (iBOT / dinov2 semantics).
+        Returns:
+            ``cls`` (B, D), ``registers`` (B, R, D), ``patches`` (B, N, D).
+        """
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
+            raise ValueError(f"expected input (B, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}")
+        b, _, h, w = x.shape
+        t = self.patch_embed(x).flatten(1, 2)  # (B, N, D)
+        if masks is not None:
+            if masks.shape != t.shape[:2]:
+                raise ValueError(f"masks must have shape {tuple(t.shape[:2])}, got {tuple(masks.shape)}")
+            t = torch.where(masks.unsqueeze(-1), self.mask_token.to(t.dtype).unsqueeze(0), t)
+        pos = interpolate_pos_embed_dinov2(self.pos_embed, h, w, self.cfg.patch_size, self.cfg.interpolate_offset)
+        prefix = [self.cls_token.expand(b, -1, -1)]
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(b, -1, -1))
+        t = torch.cat(prefix + [t + pos], dim=1)
+        t = self.norm(self.blocks(self.norm_pre(t)))
+        r = self.n_prefix
+        return {"cls": t[:, 0], "registers": t[:, 1:r], "patches": t[:, r:]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """(B, C, H, W) → class-token embedding (B, D)."""
+        return self.forward_tokens(x)["cls"]
+
+
+class BagOfChannels(nn.Module):
+    """Channel-adaptive embedding: a 1-channel ``CellViT`` applied to every channel.
+
+    ``forward`` maps (B, C, H, W) → (B, C*D): channel c's class token is in columns
+    ``[c*D, (c+1)*D)``. Any number of channels is accepted.
+    """
+
+    def __init__(self, backbone: CellViT) -> None:
+        super().__init__()
+        if backbone.cfg.in_chans != 1:
+            raise ValueError(f"bag-of-channels needs a 1-channel backbone, got in_chans={backbone.cfg.in_chans}")
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"expected (B, C, H, W), got {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        emb = self.backbone(x.reshape(b * c, 1, h, w))
+        return emb.reshape(b, c * emb.shape[-1])
+
+
+def build_backbone(cfg: ViTConfig) -> CellViT:
+    """Construct a randomly initialised ``CellViT``."""
+    return CellViT(cfg)
