@@ -1,0 +1,239 @@
+"""The Cellpose-SAM network: SAM ViT encoder (8×8 patches, global attention), neck, pixel-shuffle readout.
+
+One code path builds every variant. ``large`` has exactly cellpose's ``CPSAM`` shapes (and parameter
+names, so a cpsam state dict loads into it); ``small`` and ``tiny`` are narrower/shallower copies for
+CPU users and for training on small machines.
+
+Input: (B, 3, 256, 256) float32 normalised images. Output: (B, 3, 256, 256) = (dY, dX, cellprob logits),
+with flows at the network's scale (≈ 5 × unit flows, as in cellpose).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# cpsam keeps SAM ViT-L's relative-position tables: 127 rows in the four global blocks of SAM
+# (input 64×64), 27 rows in the others (window 14); all are resized to 63 rows at run time.
+_SAM_VITL_GLOBAL = (5, 11, 17, 23)
+
+
+def _sam_vitl_rel_rows() -> tuple[int, ...]:
+    return tuple(127 if i in _SAM_VITL_GLOBAL else 27 for i in range(24))
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Hyper-parameters of a Cellpose-SAM network (all sizes in pixels / channels)."""
+
+    depth: int = 24
+    dim: int = 1024
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    patch: int = 8
+    tile: int = 256
+    in_chans: int = 3
+    neck_dim: int = 256
+    nout: int = 3
+    # rows of each block's relative-position tables; () means 2·(tile/patch) − 1 (no resize needed)
+    rel_pos_rows: tuple[int, ...] = field(default_factory=_sam_vitl_rel_rows)
+    diam_mean: float = 30.0
+
+    @property
+    def grid(self) -> int:
+        """Tokens per side (32 for 256² tiles and 8×8 patches)."""
+        return self.tile // self.patch
+
+    def rows(self, block: int) -> int:
+        return self.rel_pos_rows[block] if self.rel_pos_rows else 2 * self.grid - 1
+
+
+VARIANTS: dict[str, NetConfig] = {
+    "large": NetConfig(),
+    "small": NetConfig(depth=12, dim=384, heads=6, rel_pos_rows=()),
+    "tiny": NetConfig(depth=12, dim=192, heads=3, neck_dim=128, rel_pos_rows=()),
+}
+
+
+def variant(name: str, **overrides) -> NetConfig:
+    """The named configuration (``large``, ``small``, ``tiny``), optionally with fields overridden."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown network variant {name!r}; choose from {sorted(VARIANTS)}")
+    return replace(VARIANTS[name], **overrides)
+
+
+def _use_mkldnn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # oneDNN's linear is ~20 % faster than MKL sgemm on AMD CPUs and fuses GELU; inference only.
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+    )
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
+    """``layer(x)`` (then exact-erf GELU if asked), through oneDNN on CPU at inference time."""
+    if _use_mkldnn(x, layer.weight):
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(flat, layer.weight, layer.bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+        return out.reshape(*x.shape[:-1], -1)
+    y = F.linear(x, layer.weight, layer.bias)
+    return F.gelu(y) if gelu else y
+
+
+def resize_rel_pos(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """Linearly resize a (L, C) relative-position table to (rows, C), exactly as SAM's ``get_rel_pos``."""
+    if table.shape[0] == rows:
+        return table
+    out = F.interpolate(table.reshape(1, table.shape[0], -1).permute(0, 2, 1), size=rows, mode="linear")
+    return out.reshape(-1, rows).permute(1, 0)
+
+
+def rel_pos_lookup(table: torch.Tensor, size: int) -> torch.Tensor:
+    """(L, C) table → (size, size, C) embeddings R[q, k] = table'[q − k + size − 1], table' resized to 2·size−1."""
+    resized = resize_rel_pos(table, 2 * size - 1)
+    coords = torch.arange(size, device=table.device)
+    return resized[coords[:, None] - coords[None, :] + size - 1]
+
+
+class Attention(nn.Module):
+    """Global multi-head attention with SAM's decomposed relative-position bias, fused via SDPA."""
+
+    def __init__(self, dim: int, heads: int, rel_rows: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        head_dim = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(rel_rows, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(rel_rows, head_dim))
+        self._cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def rel_tables(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, h, head_dim) and (w, w, head_dim) rel-pos embeddings; cached while weights are unchanged.
+
+        Under autograd (training) they are recomputed so gradients reach the tables.
+        """
+        if torch.is_grad_enabled() and self.rel_pos_h.requires_grad:
+            return rel_pos_lookup(self.rel_pos_h, h), rel_pos_lookup(self.rel_pos_w, w)
+        key = (h, w, self.rel_pos_h._version, self.rel_pos_w._version, self.rel_pos_h.data_ptr(),
+               self.rel_pos_w.data_ptr(), self.rel_pos_h.device, self.rel_pos_h.dtype)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, rel_pos_lookup(self.rel_pos_h, h), rel_pos_lookup(self.rel_pos_w, w))
+        return self._cache[1], self._cache[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, C) tokens → (B, H, W, C)."""
+        b, h, w, c = x.shape
+        qkv = linear(x, self.qkv).reshape(b, h * w, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
+        rh, rw = self.rel_tables(h, w)
+        rq = q.reshape(b, self.heads, h, w, -1)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw)
+        # bias[q, (kh, kw)] = rel_h[q, kh] + rel_w[q, kw], written straight into a contiguous (N, N) mask
+        bias = q.new_empty(b, self.heads, h, w, h, w)
+        torch.add(rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=bias)
+        bias = bias.view(b, self.heads, h * w, h * w)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return linear(out.transpose(1, 2).reshape(b, h, w, c), self.proj)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(dim, hidden)
+        self.lin2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(linear(x, self.lin1, gelu=True), self.lin2)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (SAM parameter names)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, rel_rows: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, rel_rows)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of (B, C, H, W) maps (SAM's neck norm)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_chans: int, dim: int, patch: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
+
+
+class Encoder(nn.Module):
+    """SAM ViT image encoder with global attention in every block, followed by SAM's neck."""
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        self.patch_embed = PatchEmbed(cfg.in_chans, cfg.dim, cfg.patch)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid, cfg.grid, cfg.dim))
+        self.blocks = nn.ModuleList(
+            Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.rows(i)) for i in range(cfg.depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(cfg.dim, cfg.neck_dim, kernel_size=1, bias=False),
+            LayerNorm2d(cfg.neck_dim),
+            nn.Conv2d(cfg.neck_dim, cfg.neck_dim, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(cfg.neck_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, T, T) images → (B, neck_dim, T/patch, T/patch) features."""
+        x = self.patch_embed.proj(x).permute(0, 2, 3, 1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.neck(x.permute(0, 3, 1, 2))
+
+
+class CellposeSAMNet(nn.Module):
+    """Encoder → 1×1 conv to nout·patch² channels → pixel-shuffle(patch): (dY, dX, cellprob)."""
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.out = nn.Conv2d(cfg.neck_dim, cfg.nout * cfg.patch**2, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, tile, tile) → (B, nout, tile, tile)."""
+        if x.shape[1:] != (self.cfg.in_chans, self.cfg.tile, self.cfg.tile):
+            raise ValueError(
+                f"expected input (B, {self.cfg.in_chans}, {self.cfg.tile}, {self.cfg.tile}), got {tuple(x.shape)}"
+            )
+        return F.pixel_shuffle(self.out(self.encoder(x)), self.cfg.patch)
+
+
+def build_net(cfg: NetConfig | str = "large") -> CellposeSAMNet:
+    """A randomly initialised network for a config or a variant name."""
+    return CellposeSAMNet(variant(cfg) if isinstance(cfg, str) else cfg)
