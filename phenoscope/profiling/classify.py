@@ -1,0 +1,123 @@
+"""Frozen-embedding evaluation: temperature-weighted cosine kNN, linear probe, 2-layer MLP with
+per-class thresholds, macro-F1 / mAP, and low-shot curves (mean ± sd over seeds).
+
+Arrays: ``x`` (n, d) float features, ``y`` (n,) integer class ids in ``[0, n_classes)``.
+Scores are (n, n_classes) class probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score, f1_score
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler, label_binarize
+
+Probe = Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
+LOW_SHOT_FRACTIONS = (0.01, 0.02, 0.05, 0.10, 0.20, 0.50, 1.00)
+
+
+def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, k: int = 20, temperature: float = 0.07) -> np.ndarray:
+    """DINO-style kNN: top-k cosine neighbours vote with weight exp(similarity / temperature)."""
+    if k < 1 or temperature <= 0:
+        raise ValueError("k must be ≥ 1 and temperature > 0")
+    a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    b = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+    sim = b @ a.T
+    k = min(k, len(train_x))
+    idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    w = np.exp(np.take_along_axis(sim, idx, axis=1) / temperature)
+    scores = np.zeros((len(test_x), n_classes))
+    np.add.at(scores, (np.repeat(np.arange(len(test_x)), k), train_y[idx].ravel()), w.ravel())
+    return scores / scores.sum(axis=1, keepdims=True)
+
+
+def _expand(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    out = np.zeros((len(proba), n_classes))
+    out[:, classes] = proba
+    return out
+
+
+def linear_probe_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, c: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Standardised features → multinomial logistic regression (L2, ``C=c``)."""
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
+    model.fit(train_x, train_y)
+    return _expand(model.predict_proba(test_x), model.classes_, n_classes)
+
+
+def mlp_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, hidden: int = 256, seed: int = 0) -> np.ndarray:
+    """2-layer MLP (one hidden ReLU layer, early stopping when there is enough data)."""
+    mlp = MLPClassifier((hidden,), max_iter=300, early_stopping=len(train_x) >= 50, random_state=seed)
+    model = make_pipeline(StandardScaler(), mlp)
+    model.fit(train_x, train_y)
+    return _expand(model.predict_proba(test_x), model.classes_, n_classes)
+
+
+def fit_class_thresholds(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-class thresholds (n_classes,) maximising each class's one-vs-rest F1 on validation data.
+
+    ``y`` is (n,) class ids or an (n, n_classes) multi-label indicator matrix.
+    """
+    onehot = y if y.ndim == 2 else label_binarize(y, classes=np.arange(scores.shape[1])).reshape(len(y), -1)
+    thresholds = np.full(scores.shape[1], 0.5)
+    for c in range(scores.shape[1]):
+        cand = np.unique(scores[:, c])
+        if onehot[:, c].any() and cand.size:
+            f1 = [f1_score(onehot[:, c], scores[:, c] >= t, zero_division=0) for t in cand]
+            thresholds[c] = cand[int(np.argmax(f1))]
+    return thresholds
+
+
+def apply_thresholds(scores: np.ndarray, thresholds: np.ndarray, multilabel: bool = False) -> np.ndarray:
+    """Multi-label: indicator ``scores ≥ t``. Single-label: argmax of ``scores / t``."""
+    if multilabel:
+        return (scores >= thresholds).astype(int)
+    return np.argmax(scores / np.maximum(thresholds, 1e-12), axis=1)
+
+
+def classification_metrics(y: np.ndarray, scores: np.ndarray, pred: np.ndarray | None = None) -> dict[str, float]:
+    """Accuracy, macro-F1 (over classes present in ``y``) and macro mAP (one-vs-rest AP)."""
+    pred = scores.argmax(axis=1) if pred is None else pred
+    present = np.unique(y)
+    onehot = label_binarize(y, classes=np.arange(scores.shape[1])).reshape(len(y), -1)
+    return {
+        "accuracy": float(np.mean(pred == y)),
+        "macro_f1": float(f1_score(y, pred, labels=present, average="macro", zero_division=0)),
+        "mAP": float(average_precision_score(onehot[:, present], scores[:, present], average="macro")),
+    }
+
+
+def stratified_fraction(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a ``fraction`` subsample per class (at least one per class)."""
+    rng = np.random.default_rng(seed)
+    picks = [rng.permutation(np.nonzero(y == c)[0])[: max(1, int(round(fraction * (y == c).sum())))] for c in np.unique(y)]
+    return np.sort(np.concatenate(picks))
+
+
+def low_shot_curve(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    probes: dict[str, Probe] | None = None,
+    fractions: Sequence[float] = LOW_SHOT_FRACTIONS,
+    seeds: Sequence[int] = (0, 1, 2),
+) -> pd.DataFrame:
+    """Macro-F1 and mAP vs fraction of training labels: one row per (probe, fraction), mean ± sd over seeds."""
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    probes = probes or {"knn": lambda a, b, c, n: knn_scores(a, b, c, n), "linear": linear_probe_scores}
+    rows = []
+    for name, probe in probes.items():
+        for frac in fractions:
+            runs = []
+            for seed in seeds:
+                idx = stratified_fraction(train_y, frac, seed)
+                runs.append(classification_metrics(test_y, probe(train_x[idx], train_y[idx], test_x, n_classes)))
+            df = pd.DataFrame(runs)
+            rows.append({"probe": name, "fraction": frac, "n_train": len(idx),
+                         **{f"{m}_mean": df[m].mean() for m in df}, **{f"{m}_sd": df[m].std(ddof=0) for m in df}})
+    return pd.DataFrame(rows)
