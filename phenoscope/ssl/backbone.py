@@ -17,8 +17,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from phenoscope.testing import _import_torchvision
+
+# timm imports torchvision; make a CUDA-only torchvision wheel importable on CPU torch first
+# (no-op when torchvision loads normally).
+_import_torchvision()
+
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 # name -> (embed_dim, depth, num_heads), as in dinov2 / timm.
 ARCHS: dict[str, tuple[int, int, int]] = {
@@ -123,14 +130,17 @@ class CellViT(VisionTransformer):
     def n_prefix(self) -> int:
         return 1 + self.cfg.num_registers
 
-    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward_tokens(
+        self, x: torch.Tensor, masks: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Normalised tokens of images ``x`` (B, C, H, W).
 
         Args:
             masks: optional bool (B, N) with N = (H//p)*(W//p); True patches are replaced by
                 ``mask_token`` before the position embedding (iBOT / dinov2 semantics).
+            keep: optional long (B, K) indices of the only patches to encode (MAE encoder).
         Returns:
-            ``cls`` (B, D), ``registers`` (B, R, D), ``patches`` (B, N, D).
+            ``cls`` (B, D), ``registers`` (B, R, D), ``patches`` (B, N or K, D).
         """
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
             raise ValueError(f"expected input (B, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}")
@@ -141,10 +151,13 @@ class CellViT(VisionTransformer):
                 raise ValueError(f"masks must have shape {tuple(t.shape[:2])}, got {tuple(masks.shape)}")
             t = torch.where(masks.unsqueeze(-1), self.mask_token.to(t.dtype).unsqueeze(0), t)
         pos = interpolate_pos_embed_dinov2(self.pos_embed, h, w, self.cfg.patch_size, self.cfg.interpolate_offset)
+        t = t + pos
+        if keep is not None:
+            t = torch.gather(t, 1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
         prefix = [self.cls_token.expand(b, -1, -1)]
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(b, -1, -1))
-        t = torch.cat(prefix + [t + pos], dim=1)
+        t = torch.cat(prefix + [t], dim=1)
         t = self.norm(self.blocks(self.norm_pre(t)))
         r = self.n_prefix
         return {"cls": t[:, 0], "registers": t[:, 1:r], "patches": t[:, r:]}

@@ -1,0 +1,33 @@
+"""``phenoscope pretrain``: self-supervised pretraining (Cell-DINO, SimCLR, MAE, MoCo v3)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers) -> None:
+    from phenoscope.ssl.pretrain import METHODS
+
+    p = subparsers.add_parser("pretrain", help="self-supervised pretraining of a ViT on cell images")
+    p.add_argument("--method", choices=METHODS, default=None, help="objective (default: config's, else dino)")
+    p.add_argument("--data", nargs="+", required=True, help=".npz files, image files or folders")
+    p.add_argument("--out", required=True, help="output folder (checkpoints, logs, backbone.safetensors)")
+    p.add_argument("--config", default=None, help="TOML/JSON file with PretrainConfig sections")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from phenoscope.config import load_config
+    from phenoscope.ssl.pretrain import PretrainConfig, pretrain
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(PretrainConfig, args.config, method=args.method)
+    summary = pretrain(cfg, args.data, args.out, resume=args.resume)
+    print(json.dumps(summary))
+    return 0

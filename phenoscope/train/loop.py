@@ -1,0 +1,289 @@
+"""One generic training loop for any objective (self-supervised methods, segmentation, ...).
+
+An objective is an ``nn.Module`` whose ``forward(batch, progress)`` returns a dict of scalar
+tensors with a ``"loss"`` entry (the others are logged). Optional hooks:
+
+- ``param_groups() -> list[dict]``: groups with ``lr_mult``, ``wd_mult``, ``is_last_layer``
+  (see ``phenoscope.train.optim.param_groups``; default: all trainable parameters).
+- ``on_step_end(progress)``: called after each optimiser step (e.g. EMA teacher update).
+
+The loop owns AdamW, LR warm-up + cosine, weight-decay cosine, gradient clipping, freezing of
+``last_layer`` parameters for the first epochs, bf16 autocast on GPU, checkpoint / resume
+(safetensors weights + ``weights_only`` trainer state), CSV + PNG loss logs, a tqdm progress
+bar and DDP when launched with ``torchrun`` (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from phenoscope.core.io import atomic_path
+from phenoscope.train.optim import param_groups as default_param_groups
+from phenoscope.train.schedules import cosine_schedule
+
+CHECKPOINT = "checkpoint.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+LOG_CSV = "log.csv"
+LOG_PNG = "loss.png"
+
+
+@dataclass
+class TrainConfig:
+    """Loop options; learning rates are per optimiser step, ``batch_size`` is per process."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 3.0  # 0 disables
+    freeze_last_layer_epochs: int = 1
+    amp: bool = True  # bf16 autocast, GPU only
+    num_workers: int = 0
+    seed: int = 0
+    max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
+    max_steps: int = 0  # stop after this many steps in this run; 0 = no limit
+    progress_bar: bool = True
+
+
+@dataclass
+class Progress:
+    """Where training stands; objectives derive their own schedules from it."""
+
+    step: int
+    epoch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move tensors inside nested dicts / lists / tuples to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Initialise the process group when launched by torchrun; returns (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, device
+
+
+def _seed_worker(worker_id: int) -> None:
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def make_loader(dataset: Dataset, cfg: TrainConfig, world: int, collate_fn: Callable | None) -> DataLoader:
+    """Shuffled loader that drops the last partial batch (distributed sampler under DDP)."""
+    if len(dataset) < cfg.batch_size * world:
+        raise ValueError(f"dataset has {len(dataset)} samples, fewer than one global batch ({cfg.batch_size} x {world})")
+    if world > 1:
+        sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=True)
+    else:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed))
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_fn,
+        drop_last=True,
+        worker_init_fn=_seed_worker,
+        persistent_workers=cfg.num_workers > 0,
+    )
+
+
+def _set_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    else:
+        loader.sampler.generator.manual_seed(seed + epoch)
+
+
+def _apply_schedules(opt: torch.optim.Optimizer, cfg: TrainConfig, progress: Progress) -> tuple[float, float]:
+    warmup = int(cfg.warmup_epochs * progress.steps_per_epoch)
+    lr = cosine_schedule(progress.step, progress.total_steps, cfg.lr, cfg.min_lr, warmup)
+    wd = cosine_schedule(progress.step, progress.total_steps, cfg.weight_decay, cfg.weight_decay_end)
+    frozen = progress.epoch < cfg.freeze_last_layer_epochs
+    for g in opt.param_groups:
+        g["lr"] = 0.0 if (frozen and g["is_last_layer"]) else lr * g["lr_mult"]
+        g["weight_decay"] = wd * g["wd_mult"]
+    return lr, wd
+
+
+def save_checkpoint(out_dir: Path, objective: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int) -> None:
+    """Weights as safetensors, then optimiser state and counters (loadable with weights_only)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in objective.state_dict().items()}
+    with atomic_path(out_dir / CHECKPOINT) as tmp:
+        save_file(state, str(tmp))
+    with atomic_path(out_dir / TRAINER_STATE) as tmp:
+        torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step}, tmp)
+
+
+def load_checkpoint(out_dir: Path, objective: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int]:
+    """Restore weights and optimiser state; returns (next epoch, step)."""
+    from safetensors.torch import load_file
+
+    from phenoscope.ssl.checkpoint import load_state_dict_strict
+
+    device = next(objective.parameters()).device
+    load_state_dict_strict(objective, load_file(str(out_dir / CHECKPOINT), device=str(device)), str(out_dir / CHECKPOINT))
+    state = torch.load(out_dir / TRAINER_STATE, map_location=device, weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    return int(state["epoch"]), int(state["step"])
+
+
+class LossLog:
+    """Append-only CSV of per-step values plus a PNG plot (rank 0 only)."""
+
+    def __init__(self, out_dir: Path, resume_step: int | None) -> None:
+        self.csv = out_dir / LOG_CSV
+        self.png = out_dir / LOG_PNG
+        self.rows: list[dict[str, float]] = []
+        if resume_step is not None and self.csv.exists():
+            with open(self.csv, newline="") as fh:
+                self.rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh) if float(r["step"]) < resume_step]
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        with atomic_path(self.csv) as tmp, open(tmp, "w", newline="") as fh:
+            if self.rows:
+                writer = csv.DictWriter(fh, fieldnames=list(self.rows[0]))
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+    def append(self, row: dict[str, float]) -> None:
+        new_file = not self.rows
+        self.rows.append(row)
+        with open(self.csv, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(self.rows[0]))
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        keys = [k for k in self.rows[0] if k not in ("step", "epoch", "lr", "wd")] if self.rows else []
+        if not keys:
+            return
+        steps = np.array([r["step"] for r in self.rows])
+        fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
+        win = max(1, len(steps) // 50)
+        for ax, key in zip(axes[:, 0], keys):
+            y = np.array([r[key] for r in self.rows])
+            ax.plot(steps, y, lw=0.5, alpha=0.4)
+            if win > 1:
+                ax.plot(steps[win - 1 :], np.convolve(y, np.ones(win) / win, mode="valid"), lw=1.2)
+            ax.set_ylabel(key)
+        axes[-1, 0].set_xlabel("step")
+        fig.tight_layout()
+        with atomic_path(self.png) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+
+
+def train(
+    objective: nn.Module,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    collate_fn: Callable | None = None,
+) -> dict[str, Any]:
+    """Train ``objective`` on ``dataset``; checkpoints and logs go to ``out_dir``.
+
+    Returns a summary: steps run, final epoch, last logged values, and whether it finished.
+    """
+    out_dir = Path(out_dir)
+    rank, world, device = setup_distributed()
+    torch.manual_seed(cfg.seed + rank)
+    objective.to(device)
+    groups = objective.param_groups() if hasattr(objective, "param_groups") else default_param_groups(objective.named_parameters())
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    start_epoch, step = 0, 0
+    if resume and (out_dir / TRAINER_STATE).exists():
+        start_epoch, step = load_checkpoint(out_dir, objective, opt)
+    model = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+    loader = make_loader(dataset, cfg, world, collate_fn)
+    steps_per_epoch = len(loader)
+    total = cfg.epochs * steps_per_epoch
+    log = LossLog(out_dir, step if resume else None) if rank == 0 else None
+    params = [p for g in groups for p in g["params"]]
+    last_layer = [p for g in groups if g["is_last_layer"] for p in g["params"]]
+    t0, run_steps, last, stopped = time.monotonic(), 0, {}, False
+    for epoch in range(start_epoch, cfg.epochs):
+        _set_epoch(loader, epoch, cfg.seed)
+        bar = _progress_bar(loader, epoch, cfg, rank)
+        for batch in bar:
+            progress = Progress(step, epoch, steps_per_epoch, total)
+            lr, wd = _apply_schedules(opt, cfg, progress)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+                out = model(to_device(batch, device), progress)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if epoch < cfg.freeze_last_layer_epochs:
+                for p in last_layer:
+                    p.grad = None
+            if cfg.clip_grad > 0:
+                nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            opt.step()
+            if hasattr(objective, "on_step_end"):
+                objective.on_step_end(progress)
+            last = {"step": step, "epoch": epoch, "lr": lr, "wd": wd, **{k: float(v) for k, v in out.items()}}
+            if log is not None:
+                log.append(last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+            step, run_steps = step + 1, run_steps + 1
+            out_of_time = cfg.max_minutes > 0 and time.monotonic() - t0 > 60 * cfg.max_minutes
+            if out_of_time or (cfg.max_steps and run_steps >= cfg.max_steps):
+                stopped = True
+                break
+        done_epoch = epoch + (0 if stopped else 1)
+        if rank == 0:
+            save_checkpoint(out_dir, objective, opt, done_epoch, step)
+            log.plot()
+        if stopped:
+            break
+    if world > 1:
+        dist.barrier()
+    return {"steps": run_steps, "step": step, "finished": not stopped, "last": last, "minutes": (time.monotonic() - t0) / 60}
+
+
+def _progress_bar(loader: DataLoader, epoch: int, cfg: TrainConfig, rank: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0 or not cfg.progress_bar, leave=False)
