@@ -1,0 +1,183 @@
+"""Tiled Cellpose-SAM inference on any 2D image: ``load_model(...).segment(image)``.
+
+Pipeline (cellpose 4 ``CellposeModel.eval`` semantics): image → (H, W, C≤3) → per-channel 1–99 %
+percentile normalisation → optional resize to a 30 px cell diameter → 256² tiles (overlap 0.1,
+cellpose padding) streamed through the network in batches → tapered blending → resize back →
+``compute_masks``. Missing channels are zero (the 3-input network sees zeros there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from phenoscope.core.normalize import normalize_percentile
+from phenoscope.core.tiling import TileGrid, blend_tile, flip_tile, read_tile, taper_mask, tile_grid, unflip_output
+from phenoscope.segment.net import CellposeSAMNet
+
+MIN_SIDE = 16  # px; smaller images cannot hold a cell of min_size at the network's scale
+
+
+@dataclass
+class SegmentResult:
+    """Output of :meth:`CellposeSAM.segment` for an (H, W) image."""
+
+    masks: np.ndarray  # (H, W) int32 labels, 0 = background
+    flows: np.ndarray  # (2, H, W) float32 (dY, dX) at the network's scale (≈ 5 × unit flows)
+    cellprob: np.ndarray  # (H, W) float32 cell-probability logits
+
+
+def to_yxc(image: np.ndarray, channel_axis: int | None = None, max_channels: int = 3) -> np.ndarray:
+    """View an image as (H, W, C) with C ≤ ``max_channels`` (the first channels are kept).
+
+    YX images get one channel. For 3D arrays without ``channel_axis`` the channel axis is guessed as
+    cellpose does: the first axis if it is shorter than the last, else the last.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        if channel_axis is not None:
+            raise ValueError(f"channel_axis={channel_axis} given for a 2D (YX) image of shape {image.shape}")
+        image = image[..., None]
+    elif image.ndim == 3:
+        if channel_axis is None:
+            channel_axis = 0 if image.shape[0] < image.shape[-1] else 2
+        if not -3 <= channel_axis < 3:
+            raise ValueError(f"channel_axis={channel_axis} is out of range for an image of shape {image.shape}")
+        image = np.moveaxis(image, channel_axis, -1)
+    else:
+        raise ValueError(f"expected a 2D image (YX, YXC or CYX), got shape {image.shape}")
+    if image.dtype.kind not in "biuf":
+        raise ValueError(f"unsupported image dtype {image.dtype}")
+    if min(image.shape[:2]) < MIN_SIDE:
+        raise ValueError(
+            f"image is {image.shape[0]}×{image.shape[1]} px (channel_axis={channel_axis}, shape {image.shape}); "
+            f"need at least {MIN_SIDE}×{MIN_SIDE} — is the channel axis right?"
+        )
+    return image[..., :max_channels]
+
+
+def resize_chw(x: np.ndarray, ly: int, lx: int) -> np.ndarray:
+    """Bilinear resize of a (C, H, W) float32 array (half-pixel centres, no antialias: cv2 INTER_LINEAR)."""
+    if x.shape[-2:] == (ly, lx):
+        return x
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+    return F.interpolate(t, size=(ly, lx), mode="bilinear", align_corners=False)[0].numpy()
+
+
+def _batches(grid: TileGrid, size: int) -> Iterator[list[tuple[int, int, int, int]]]:
+    it = iter(grid)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+class CellposeSAM:
+    """A Cellpose-SAM network ready to segment images of any size."""
+
+    def __init__(self, net: CellposeSAMNet, device: str | torch.device | None = None) -> None:
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = net.to(self.device).eval()
+        self.cfg = net.cfg
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        # fp32 on CPU (bf16 there is ~11× slower); bf16 (or fp16) autocast on GPUs
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def forward_tiles(self, tiles: np.ndarray) -> np.ndarray:
+        """(B, in_chans, tile, tile) float32 → (B, nout, tile, tile) float32 network outputs."""
+        x = torch.from_numpy(tiles).to(self.device)
+        with torch.inference_mode(), self._autocast():
+            y = self.net(x)
+        return y.float().cpu().numpy()
+
+    def run_tiled(self, image: np.ndarray, tile_overlap: float = 0.1, batch_size: int = 8, tta: bool = False) -> np.ndarray:
+        """Network outputs (nout, H, W) for a normalised (C, H, W) image, blending streamed tile batches."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        t = self.cfg.tile
+        grid = tile_grid(image.shape[1], image.shape[2], t, tile_overlap, augment=tta)
+        mask = taper_mask(t)
+        acc = np.zeros((self.cfg.nout, grid.ly, grid.lx), np.float32)
+        weight = np.zeros((grid.ly, grid.lx), np.float32)
+        buf = np.zeros((batch_size, self.cfg.in_chans, t, t), np.float32)
+        for batch in _batches(grid, batch_size):
+            for b, (j, i, y0, x0) in enumerate(batch):
+                read_tile(image, y0, x0, buf[b])
+                if tta:
+                    buf[b] = flip_tile(buf[b], j, i)
+            out = self.forward_tiles(buf[: len(batch)])
+            for y, (j, i, y0, x0) in zip(out, batch):
+                blend_tile(acc, weight, unflip_output(y, j, i) if tta else y, y0, x0, mask)
+        acc /= weight
+        return acc
+
+    def predict(
+        self,
+        image: np.ndarray,
+        channel_axis: int | None = None,
+        diameter: float | None = None,
+        tile_overlap: float = 0.1,
+        batch_size: int = 8,
+        tta: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Flows (2, H, W) and cellprob logits (H, W) of an image, at its original size."""
+        x = to_yxc(image, channel_axis, self.cfg.in_chans)
+        if not np.isfinite(x).all():
+            raise ValueError("image contains NaN or inf values")
+        h, w = x.shape[:2]
+        x = np.moveaxis(normalize_percentile(x, channel_axis=-1), -1, 0)  # (C, H, W) float32
+        rescale = self.rescale(diameter)
+        if rescale != 1.0:
+            ly, lx = int(h * rescale), int(w * rescale)
+            if min(ly, lx) < 1:
+                raise ValueError(f"diameter {diameter} shrinks the {h}×{w} image to nothing")
+            x = resize_chw(x, ly, lx)
+        y = self.run_tiled(x, tile_overlap, batch_size, tta)
+        del x
+        y = resize_chw(y, h, w)
+        return y[:2], y[2]
+
+    def rescale(self, diameter: float | None) -> float:
+        """Resize factor bringing cells of ``diameter`` px to the network's 30 px (1.0 if not given)."""
+        if diameter is None or diameter <= 0:
+            return 1.0
+        return self.cfg.diam_mean / float(diameter)
+
+    def segment(
+        self,
+        image: np.ndarray,
+        channel_axis: int | None = None,
+        diameter: float | None = None,
+        flow_threshold: float = 0.4,
+        cellprob_threshold: float = 0.0,
+        min_size: int = 15,
+        tile_overlap: float = 0.1,
+        batch_size: int = 8,
+        tta: bool = False,
+    ) -> SegmentResult:
+        """Segment one 2D image (YX, YXC or CYX; see :func:`to_yxc`) into a label image."""
+        from phenoscope.segment.dynamics import compute_masks
+
+        flows, cellprob = self.predict(image, channel_axis, diameter, tile_overlap, batch_size, tta)
+        niter = int(200 / self.rescale(diameter))  # cellpose scales the Euler steps with the resize
+        masks = compute_masks(
+            flows, cellprob, niter=niter, cellprob_threshold=cellprob_threshold,
+            flow_threshold=flow_threshold, min_size=min_size,
+        )
+        return SegmentResult(masks=masks, flows=flows, cellprob=cellprob)
+
+
+def load_model(name_or_path: str | Path, device: str | torch.device | None = None) -> CellposeSAM:
+    """A :class:`CellposeSAM` from a weights file: ours (``.safetensors`` + ``.json``) or a cellpose cpsam file."""
+    from phenoscope.segment.checkpoint import load_network
+
+    return CellposeSAM(load_network(name_or_path), device)
