@@ -25,7 +25,9 @@ class AugmentConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5  # each of horizontal / vertical
     rot90: bool = True
-    normalize: str = "channel"  # self-normalisation: "channel" or "image"
+    normalize: str = "channel"  # self-normalisation "channel" / "image", or fixed "dataset" statistics
+    channel_mean: list[float] | None = None  # "dataset" mode; filled from the data when None
+    channel_std: list[float] | None = None
     jitter_p: float = 0.8  # per channel
     brightness: float = 0.2  # additive, in units of the normalised intensity
     contrast: float = 0.2  # multiplicative factor in [1 - c, 1 + c]
@@ -86,6 +88,20 @@ def self_normalize(x: torch.Tensor, mode: str = "channel", eps: float = 1e-6) ->
     return (x - mean) / (std + eps)
 
 
+def normalize_view(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """Self-normalise (``channel`` / ``image``) or apply fixed per-channel ``dataset`` statistics.
+
+    ``dataset`` keeps absolute intensities comparable between images (e.g. DNA content).
+    """
+    if cfg.normalize != "dataset":
+        return self_normalize(x, cfg.normalize)
+    if cfg.channel_mean is None or cfg.channel_std is None or len(cfg.channel_mean) != x.shape[0]:
+        raise ValueError(f"normalize='dataset' needs channel_mean/channel_std with {x.shape[0]} entries")
+    mean = torch.tensor(cfg.channel_mean, dtype=x.dtype)[:, None, None]
+    std = torch.tensor(cfg.channel_std, dtype=x.dtype)[:, None, None]
+    return (x - mean) / std
+
+
 def jitter_channels(x: torch.Tensor, p: float, brightness: float, contrast: float, g: torch.Generator) -> torch.Tensor:
     """Per channel, with probability ``p``: ``x_c ← (x_c - mean_c) * a + mean_c + b``."""
     c = x.shape[0]
@@ -117,10 +133,10 @@ def rescale_channel(x: torch.Tensor, channel: int | None, scale: tuple[float, fl
 
 
 def augment_view(x: torch.Tensor, cfg: AugmentConfig, size: int, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
-    """One augmented view: crop → flips → self-normalise → jitter → protein rescale → channel drop."""
+    """One augmented view: crop → flips → normalise → jitter → protein rescale → channel drop."""
     x = random_resized_crop(x, size, scale, cfg.ratio, g)
     x = random_flip_rot(x, cfg.flip_p, cfg.rot90, g)
-    x = self_normalize(x, cfg.normalize)
+    x = normalize_view(x, cfg)
     x = jitter_channels(x, cfg.jitter_p, cfg.brightness, cfg.contrast, g)
     x = rescale_channel(x, cfg.protein_channel, cfg.protein_scale, cfg.protein_p, g)
     return drop_channel(x, cfg.channel_drop_p, g)

@@ -25,7 +25,7 @@ from phenoscope.testing import _import_torchvision
 # (no-op when torchvision loads normally).
 _import_torchvision()
 
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from timm.models.vision_transformer import Block, VisionTransformer  # noqa: E402,F401  (Block: re-exported for MAE)
 
 # name -> (embed_dim, depth, num_heads), as in dinov2 / timm.
 ARCHS: dict[str, tuple[int, int, int]] = {

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import nn
 
-from phenoscope.ssl.backbone import CellViT
+from phenoscope.ssl.backbone import Block, CellViT
 from phenoscope.ssl.heads import mlp
 from phenoscope.ssl.losses import info_nce_loss, nt_xent_loss
 from phenoscope.train.loop import Progress

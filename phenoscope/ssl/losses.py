@@ -96,10 +96,11 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
     q = torch.exp((logits - shift) / teacher_temp).t()  # K x B
     b, k = q.shape[1] * world, q.shape[0]
     q /= _all_reduce(q.sum())
+    tiny = torch.finfo(q.dtype).tiny  # guards 0/0 when exp() underflows for a whole row/column
     for _ in range(n_iterations):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True))
+        q /= _all_reduce(q.sum(dim=1, keepdim=True)).clamp_min(tiny)
         q /= k
-        q /= q.sum(dim=0, keepdim=True)
+        q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)
         q /= b
     return (q * b).t()
 

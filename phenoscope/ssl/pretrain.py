@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch.distributed as dist
 from torch import nn
 
 from phenoscope.config import to_dict
@@ -17,7 +19,7 @@ from phenoscope.ssl.baselines import MAEConfig, MoCoConfig, SimCLRConfig
 from phenoscope.ssl.checkpoint import load_dinov2_backbone, save_backbone
 from phenoscope.ssl.data import ArraySource, ChannelsAsSamples, FileSource, FOVCrops, MultiCropCollate, MultiCropDataset
 from phenoscope.ssl.dino import DINOConfig
-from phenoscope.train.loop import TrainConfig, train
+from phenoscope.train.loop import TrainConfig, setup_distributed, train
 
 METHODS = ("dino", "simclr", "mae", "mocov3")
 
@@ -79,6 +81,17 @@ def build_source(paths: list[str | Path], cfg: DataConfig):
     return source
 
 
+def channel_stats(source, n_max: int = 2000, seed: int = 0) -> dict[str, list[float]]:
+    """Per-channel mean and std over up to ``n_max`` random images (for ``normalize='dataset'``)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(source), size=min(n_max, len(source)), replace=False)
+    x = np.stack([source[int(i)].reshape(source[int(i)].shape[0], -1) for i in idx]).astype(np.float64)
+    mean, std = x.mean(axis=(0, 2)), x.std(axis=(0, 2))
+    if (std <= 0).any():
+        raise ValueError(f"constant channel(s) {np.flatnonzero(std <= 0).tolist()}: cannot normalise")
+    return {"channel_mean": mean.tolist(), "channel_std": std.tolist()}
+
+
 def build_backbone(cfg: PretrainConfig, in_chans: int) -> CellViT:
     """Random or checkpoint-initialised backbone with ``in_chans`` input channels."""
     if cfg.init_checkpoint:
@@ -108,6 +121,7 @@ def pretrain(cfg: PretrainConfig, data: list[str | Path], out_dir: str | Path, r
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose from {METHODS}")
     out_dir = Path(out_dir)
+    setup_distributed()  # no-op unless launched by torchrun
     source = build_source(data, cfg.data)
     n_chans = source[0].shape[0]
     if cfg.bag_of_channels:
@@ -116,13 +130,17 @@ def pretrain(cfg: PretrainConfig, data: list[str | Path], out_dir: str | Path, r
     objective = build_objective(cfg, backbone)
     augment = cfg.augment
     if cfg.method != "dino" and augment.n_local:
-        from dataclasses import replace
-
         augment = replace(augment, n_local=0)  # baselines use the two global views only
+    if augment.normalize == "dataset" and augment.channel_mean is None:
+        augment = replace(augment, **channel_stats(source))
+    cfg = replace(cfg, augment=augment)
     dataset = MultiCropDataset(source, augment, seed=cfg.train.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out_dir / "config.json", "w") as fh:
-        json.dump(to_dict(cfg), fh, indent=2)
+    main_process = not dist.is_initialized() or dist.get_rank() == 0
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out_dir / "config.json", "w") as fh:
+            json.dump(to_dict(cfg), fh, indent=2)
     summary = train(objective, dataset, cfg.train, out_dir, resume, MultiCropCollate(augment, backbone.cfg.patch_size))
-    save_backbone(objective.backbone, out_dir / "backbone.safetensors")
+    if main_process:
+        save_backbone(objective.backbone, out_dir / "backbone.safetensors")
     return summary

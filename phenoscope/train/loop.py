@@ -263,7 +263,7 @@ def train(
             opt.step()
             if hasattr(objective, "on_step_end"):
                 objective.on_step_end(progress)
-            last = {"step": step, "epoch": epoch, "lr": lr, "wd": wd, **{k: float(v) for k, v in out.items()}}
+            last = {"step": step, "epoch": epoch, "lr": lr, "wd": wd, **{k: float(torch.as_tensor(v).detach()) for k, v in out.items()}}
             if log is not None:
                 log.append(last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
