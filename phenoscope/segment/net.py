@@ -136,12 +136,10 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
         rh, rw = self.rel_tables(h, w)
         rq = q.reshape(b, self.heads, h, w, -1)
-        rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh)
-        rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw)
-        # bias[q, (kh, kw)] = rel_h[q, kh] + rel_w[q, kw], written straight into a contiguous (N, N) mask
-        bias = q.new_empty(b, self.heads, h, w, h, w)
-        torch.add(rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=bias)
-        bias = bias.view(b, self.heads, h * w, h * w)
+        # contiguous terms make the broadcast sum come out contiguous, so the (N, N) view is free
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh).contiguous()
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw).contiguous()
+        bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).view(b, self.heads, h * w, h * w)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return linear(out.transpose(1, 2).reshape(b, h, w, c), self.proj)
 
