@@ -1,0 +1,166 @@
+"""Frozen-embedding evaluation on Jurkat cell-cycle crops (7,918 cells, 3 channels, 7 phases).
+
+Stratified 5-fold CV, macro-F1, two classifiers on standardised features: kNN (k=20, cosine) and
+logistic regression. Feature sets, side by side in one run:
+
+- ``handcrafted``: per-channel intensity statistics + shape of the DNA-channel object (Otsu);
+- ``raw``: the 3×40×40 pixels;
+- ``random-vit``: a randomly initialised ViT of the same architecture as the first backbone;
+- each ``--backbone NAME=PATH`` (``backbone.safetensors`` from ``phenoscope pretrain``): the class
+  token (``NAME``) and class token + mean patch token (``NAME+avg``).
+
+Images are normalised exactly as in pretraining (``config.json`` beside each backbone).
+The lead's floors are printed next to our numbers, with ratios.
+
+    python benchmarks/eval_jurkat.py --backbone dino=runs/jurkat_dino/backbone.safetensors --lowshot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from phenoscope.ssl.augment import AugmentConfig, normalize_view
+from phenoscope.ssl.backbone import CellViT
+from phenoscope.ssl.checkpoint import load_backbone
+
+DEFAULT_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "jurkat_cellcycle" / "jurkat_cellcycle_crops_40px.npz"
+# Floors measured by the lead (stratified 5-fold macro-F1): (LogReg, kNN).
+FLOORS = {"handcrafted": (0.816, 0.685), "raw": (0.664, 0.591), "random-vit": (0.602, 0.430)}
+DNA = 1  # channel order: brightfield, DNA, darkfield
+
+
+def handcrafted_features(images: np.ndarray) -> np.ndarray:
+    """Per-channel intensity stats (mean, std, min, max, p10/50/90, sum) + DNA-object shape (N, 35)."""
+    from skimage.filters import threshold_otsu
+    from skimage.measure import label, regionprops
+
+    x = images.astype(np.float32).reshape(len(images), images.shape[1], -1)
+    stats = [x.mean(-1), x.std(-1), x.min(-1), x.max(-1), *np.percentile(x, [10, 50, 90], axis=-1), x.sum(-1)]
+    shape = np.zeros((len(images), 11), dtype=np.float32)
+    for i, img in enumerate(images[:, DNA].astype(np.float32)):
+        lab = label(img > threshold_otsu(img))
+        props = regionprops(lab, intensity_image=img)
+        if not props:
+            continue
+        r = max(props, key=lambda p: p.area)
+        shape[i] = [r.area, r.perimeter, r.eccentricity, r.solidity, r.extent, r.axis_major_length, r.axis_minor_length,
+                    r.intensity_mean * r.area, r.intensity_mean, r.intensity_max, r.euler_number]
+    return np.concatenate([np.stack(stats, 1).reshape(len(images), -1), shape], axis=1)
+
+
+@torch.no_grad()
+def vit_features(model: CellViT, images: np.ndarray, aug: AugmentConfig, batch: int = 256) -> dict[str, np.ndarray]:
+    """Class token and class token ⊕ mean patch token for every image (normalised as in training)."""
+    model.eval()
+    cls, avg = [], []
+    for s in range(0, len(images), batch):
+        x = torch.stack([normalize_view(torch.from_numpy(im.astype(np.float32)), aug) for im in images[s : s + batch]])
+        t = model.forward_tokens(x)
+        cls.append(t["cls"].numpy())
+        avg.append(torch.cat([t["cls"], t["patches"].mean(1)], 1).numpy())
+    return {"cls": np.concatenate(cls), "cls+avg": np.concatenate(avg)}
+
+
+def classifiers(n_train: int) -> dict:
+    return {
+        "logreg": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
+        "knn": make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=min(20, n_train), metric="cosine")),
+    }
+
+
+def subsample(y: np.ndarray, idx: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Stratified ``fraction`` of ``idx`` with at least one sample per class."""
+    if fraction >= 1:
+        return idx
+    keep = []
+    for c in np.unique(y[idx]):
+        members = idx[y[idx] == c]
+        keep.append(rng.choice(members, size=max(1, int(round(fraction * len(members)))), replace=False))
+    return np.concatenate(keep)
+
+
+def cross_validate(feats: np.ndarray, y: np.ndarray, fraction: float = 1.0, folds: int = 5, seed: int = 0) -> dict[str, float]:
+    """Mean macro-F1 over stratified folds; the training part is subsampled to ``fraction``."""
+    rng = np.random.default_rng(seed)
+    scores: dict[str, list[float]] = {"logreg": [], "knn": []}
+    for train_idx, test_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(feats, y):
+        tr = subsample(y, train_idx, fraction, rng)
+        for name, clf in classifiers(len(tr)).items():
+            clf.fit(feats[tr], y[tr])
+            scores[name].append(f1_score(y[test_idx], clf.predict(feats[test_idx]), average="macro"))
+    return {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+def training_augment(backbone_path: Path) -> AugmentConfig:
+    """The normalisation used in pretraining, read from ``config.json`` beside the backbone."""
+    from phenoscope.config import from_dict
+
+    cfg = json.loads((backbone_path.parent / "config.json").read_text())["augment"]
+    return from_dict(AugmentConfig, cfg)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--npz", type=Path, default=DEFAULT_NPZ)
+    ap.add_argument("--backbone", action="append", default=[], help="NAME=PATH to backbone.safetensors (repeatable)")
+    ap.add_argument("--lowshot", action="store_true", help="also 1/5/10/100 %% label curves")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="write results as JSON")
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    with np.load(args.npz, allow_pickle=False) as z:
+        images, labels = z["images"], z["labels"]
+    y = np.unique(labels, return_inverse=True)[1]
+    names, counts = np.unique(labels, return_counts=True)
+    print(f"{len(y)} cells; classes: " + ", ".join(f"{n} {c}" for n, c in zip(names, counts)))
+    t0 = time.time()
+    feats: dict[str, np.ndarray] = {
+        "handcrafted": handcrafted_features(images),
+        "raw": images.reshape(len(images), -1).astype(np.float32),
+    }
+    backbones = [(n, Path(p)) for n, p in (b.split("=", 1) for b in args.backbone)]
+    for i, (name, path) in enumerate(backbones):
+        model, aug = load_backbone(path), training_augment(path)
+        if i == 0:  # random init, same architecture and normalisation as the first backbone
+            rand = vit_features(CellViT(model.cfg), images, aug)
+            feats["random-vit"], feats["random-vit+avg"] = rand["cls"], rand["cls+avg"]
+        out = vit_features(model, images, aug)
+        feats[name], feats[f"{name}+avg"] = out["cls"], out["cls+avg"]
+    print(f"features in {time.time() - t0:.0f} s: " + ", ".join(f"{k} {v.shape[1]}" for k, v in feats.items()))
+    results = {k: cross_validate(v, y, 1.0, args.folds, args.seed) for k, v in feats.items()}
+    print("\nstratified 5-fold macro-F1 (ratio = ours / lead's floor for that row, where one exists)")
+    print(f"{'features':<18}{'LogReg':>8}{'kNN':>8}{'floor LR':>10}{'floor kNN':>10}{'ratio LR':>10}{'ratio kNN':>10}")
+    for k, r in results.items():
+        floor = FLOORS.get(k)
+        extra = f"{floor[0]:>10.3f}{floor[1]:>10.3f}{r['logreg'] / floor[0]:>10.2f}{r['knn'] / floor[1]:>10.2f}" if floor else ""
+        print(f"{k:<18}{r['logreg']:>8.3f}{r['knn']:>8.3f}{extra}")
+    hc = results["handcrafted"]
+    print(f"\nbest vs handcrafted (this run): " + ", ".join(f"{k} LR x{r['logreg'] / hc['logreg']:.2f} kNN x{r['knn'] / hc['knn']:.2f}" for k, r in results.items() if k != "handcrafted"))
+    lowshot = {}
+    if args.lowshot:
+        print("\nlow-shot macro-F1 (LogReg / kNN) by fraction of training labels")
+        for k, v in feats.items():
+            lowshot[k] = {f: cross_validate(v, y, f, args.folds, args.seed) for f in (0.01, 0.05, 0.10, 1.0)}
+            print(f"{k:<18}" + "  ".join(f"{int(f * 100):>3}%: {r['logreg']:.3f}/{r['knn']:.3f}" for f, r in lowshot[k].items()))
+    if args.out:
+        from phenoscope.core.io import atomic_write
+
+        with atomic_write(args.out, "w") as fh:
+            json.dump({"full": results, "lowshot": {k: {str(f): r for f, r in v.items()} for k, v in lowshot.items()}}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
