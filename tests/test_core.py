@@ -1,0 +1,70 @@
+"""Shared core: normalisation, config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from phenoscope.config import load_config
+from phenoscope.core import normalize_percentile
+
+
+def test_normalize_maps_percentiles_to_0_1():
+    x = np.arange(10000, dtype=np.float32).reshape(100, 100)
+    y = normalize_percentile(x)
+    p1, p99 = np.percentile(x, [1, 99])
+    np.testing.assert_allclose(y, (x - p1) / (p99 - p1), rtol=1e-5, atol=1e-6)
+
+
+def test_normalize_per_channel_guards_and_no_state():
+    rng = np.random.default_rng(0)
+    img = np.stack([rng.random((32, 32)) * 100, np.full((32, 32), 7.0), 5 + rng.random((32, 32)) * 1e-4], axis=-1)
+    a = normalize_percentile(img, channel_axis=-1)
+    assert a.dtype == np.float32 and a.shape == img.shape
+    assert (a[..., 1] == 0).all()  # constant channel
+    assert (a[..., 2] == 0).all()  # p99 - p1 <= 1e-3
+    assert a[..., 0].min() < 0.05 and a[..., 0].max() > 0.95
+    b = normalize_percentile(np.moveaxis(img, -1, 0), channel_axis=0)
+    np.testing.assert_array_equal(np.moveaxis(b, 0, -1), a)
+    # calling with other percentiles in between does not change later results
+    normalize_percentile(img, channel_axis=-1, lower=5, upper=50)
+    np.testing.assert_array_equal(normalize_percentile(img, channel_axis=-1), a)
+
+
+def test_normalize_subsamples_huge_arrays_like_cellpose():
+    x = np.random.default_rng(1).random((230, 230, 230)).astype(np.float32)
+    y = normalize_percentile(x)
+    sub = x[::1, ::1, ::1][:: max(1, 230 // 50), :: 230 // 224, :: 230 // 224]
+    p1, p99 = np.percentile(sub, [1, 99])
+    np.testing.assert_allclose(y[0, 0, :5], (x[0, 0, :5] - p1) / (p99 - p1), rtol=1e-5)
+
+
+def test_normalize_rejects_bad_input():
+    with pytest.raises(ValueError, match="NaN"):
+        normalize_percentile(np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match="percentiles"):
+        normalize_percentile(np.ones(4), lower=50, upper=10)
+
+
+@dataclasses.dataclass
+class _Inner:
+    lr: float = 1e-3
+
+
+@dataclasses.dataclass
+class _Outer:
+    name: str = "x"
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+def test_load_config_toml_and_unknown_keys(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('name = "y"\n[inner]\nlr = 0.5\n')
+    cfg = load_config(_Outer, p)
+    assert cfg.name == "y" and cfg.inner.lr == 0.5
+    assert load_config(_Outer, p, name="z").name == "z"
+    p.write_text("nme = 1\n")
+    with pytest.raises(ValueError, match="unknown option"):
+        load_config(_Outer, p)
