@@ -1,0 +1,136 @@
+"""Writers for segmentation results: label TIFF, per-cell CSV, cellpose ``_seg.npy``, outline PNG, ImageJ ROIs.
+
+All writers are atomic (temp file beside the target, renamed on success).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from phenoscope.core.io import atomic_path, atomic_write
+from phenoscope.core.normalize import normalize_percentile
+
+
+def label_dtype(masks: np.ndarray) -> type:
+    """uint16 for ≤ 65535 labels, else uint32."""
+    return np.uint16 if int(masks.max(initial=0)) <= np.iinfo(np.uint16).max else np.uint32
+
+
+def write_masks(path: str | Path, masks: np.ndarray) -> None:
+    """(H, W) labels → compressed TIFF, uint16 (uint32 beyond 65535 cells)."""
+    import tifffile
+
+    # (core.io.imwrite_tiff passes an fdopen handle, whose integer .name tifffile rejects)
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, masks.astype(label_dtype(masks)), compression="zlib")
+
+
+def cell_table(masks: np.ndarray, image_yxc: np.ndarray) -> pd.DataFrame:
+    """One row per cell: label, area (px), centroid (y, x), bbox (y0, x0, y1, x1; half-open), and the mean
+    intensity of each channel of the raw (H, W, C) image (columns ``mean_intensity_c<k>``)."""
+    from skimage.measure import regionprops_table
+
+    table = regionprops_table(
+        masks.astype(np.int64, copy=False),
+        intensity_image=image_yxc.astype(np.float32, copy=False),
+        properties=("label", "area", "centroid", "bbox", "intensity_mean"),
+    )
+    df = pd.DataFrame(table)
+    names = {"centroid-0": "centroid_y", "centroid-1": "centroid_x", "bbox-0": "bbox_y0", "bbox-1": "bbox_x0",
+             "bbox-2": "bbox_y1", "bbox-3": "bbox_x1"}
+    names.update({f"intensity_mean-{c}": f"mean_intensity_c{c}" for c in range(image_yxc.shape[-1])})
+    df = df.rename(columns=names)
+    if "intensity_mean" in df:  # single-channel images
+        df = df.rename(columns={"intensity_mean": "mean_intensity_c0"})
+    return df.astype({"label": np.int64, "area": np.int64})
+
+
+def write_cell_table(path: str | Path, masks: np.ndarray, image_yxc: np.ndarray) -> pd.DataFrame:
+    df = cell_table(masks, image_yxc)
+    with atomic_write(path, "w") as fh:
+        df.to_csv(fh, index=False)
+    return df
+
+
+def flow_rgb(flows: np.ndarray) -> np.ndarray:
+    """(2, H, W) flows → (H, W, 3) uint8 colour wheel (cellpose's ``dx_to_circ``)."""
+    mag = np.clip(normalize_percentile(np.sqrt((flows**2).sum(axis=0))), 0, 1) * 255 / 2
+    angles = np.arctan2(flows[1], flows[0]) + np.pi
+    phases = angles[..., None] + np.array([0, 2 * np.pi / 3, 4 * np.pi / 3])
+    return np.clip(mag[..., None] * (np.cos(phases) + 1), 0, 255).astype(np.uint8)
+
+
+def outlines(masks: np.ndarray) -> np.ndarray:
+    """Boolean (H, W): pixels on the inner boundary of each mask."""
+    from skimage.segmentation import find_boundaries
+
+    return find_boundaries(masks, mode="inner")
+
+
+def write_seg_npy(
+    path: str | Path, image_path: str | Path, masks: np.ndarray, flows: np.ndarray | None,
+    cellprob: np.ndarray | None, diameter: float | None,
+) -> None:
+    """A cellpose-GUI-compatible ``_seg.npy`` (a pickled dict, as cellpose writes it; load with allow_pickle)."""
+    dtype = label_dtype(masks)
+    flowi: list = []
+    if flows is not None and cellprob is not None:
+        prob8 = (np.clip(normalize_percentile(cellprob), 0, 1) * 255).astype(np.uint8)
+        flowi = [flow_rgb(flows)[None], prob8, (flows[0] / 10 * 127 + 127).astype(np.uint8), [],
+                 np.concatenate((flows, cellprob[None]), axis=0)]
+    dat = {
+        "outlines": (masks * outlines(masks)).astype(dtype),
+        "masks": masks.astype(dtype),
+        "chan_choose": [0, 0],
+        "ismanual": np.zeros(int(masks.max(initial=0)), bool),
+        "filename": str(image_path),
+        "flows": flowi,
+        "diameter": np.nan if diameter is None else float(diameter),
+    }
+    with atomic_write(path) as fh:
+        np.save(fh, np.array(dat, dtype=object), allow_pickle=True)
+
+
+def overlay_rgb(image_yxc: np.ndarray, masks: np.ndarray, color: tuple[int, int, int] = (255, 0, 0)) -> np.ndarray:
+    """(H, W, 3) uint8: the normalised image (first 3 channels; gray if 1) with mask outlines drawn in ``color``."""
+    img = np.clip(normalize_percentile(image_yxc[..., :3], channel_axis=-1), 0, 1)
+    if img.shape[-1] < 3:
+        img = np.repeat(img[..., :1], 3, axis=-1) if img.shape[-1] == 1 else np.pad(img, ((0, 0), (0, 0), (0, 1)))
+    rgb = (img * 255).astype(np.uint8)
+    rgb[outlines(masks)] = color
+    return rgb
+
+
+def write_overlay_png(path: str | Path, image_yxc: np.ndarray, masks: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_write(path) as fh:
+        Image.fromarray(overlay_rgb(image_yxc, masks)).save(fh, format="PNG")
+
+
+def write_imagej_rois(path: str | Path, masks: np.ndarray) -> int:
+    """ImageJ/Fiji ROI zip with one polygon per label (outer contour, named by label). Returns the count."""
+    import roifile
+    from scipy.ndimage import find_objects
+    from skimage.measure import find_contours
+
+    rois = []
+    for label, sl in enumerate(find_objects(masks), start=1):
+        if sl is None:
+            continue
+        crop = np.pad(masks[sl] == label, 1)
+        contour = max(find_contours(crop.astype(np.uint8), 0.5), key=len)
+        yx = contour - 1 + np.array([sl[0].start, sl[1].start])
+        rois.append(roifile.ImagejRoi.frompoints(yx[:, ::-1], name=f"{label:05d}"))
+    with atomic_path(path) as tmp:
+        tmp.unlink()
+        if rois:
+            roifile.roiwrite(tmp, rois)
+        else:  # an empty, valid zip
+            import zipfile
+
+            zipfile.ZipFile(tmp, "w").close()
+    return len(rois)
