@@ -194,3 +194,32 @@ def test_coco_ap_headline_uses_2000_detections():
     res = coco_ap([labels], [half])
     assert res["AR@2000"] == pytest.approx(0.5, abs=1e-3)
     assert res["AP"] < 0.6
+
+
+def test_classic_baseline_on_real_images(dsb_dir):
+    """The classical floor segments real fluorescence and bright-field/H&E nuclei (auto inversion)."""
+    from phenoscope.datasets import dsb_image
+    from phenoscope.segment import segment_classic
+
+    idx = dsb_index(dsb_dir)
+    scores = {}
+    for modality in ("fluorescence_gray", "color_lightbg_HE_or_brightfield"):
+        ids = idx.loc[idx.modality_heuristic == modality, "image_id"][:8]
+        aps = [
+            average_precision([dsb_labels(dsb_dir, i).astype(np.int64)], [segment_classic(dsb_image(dsb_dir, i)).astype(np.int64)], [0.5])[0][0, 0]
+            for i in ids
+        ]
+        scores[modality] = float(np.mean(aps))
+    assert scores["fluorescence_gray"] > 0.5, scores
+    assert scores["color_lightbg_HE_or_brightfield"] > 0.2, scores
+
+
+def test_demo_writes_outputs(tmp_path):
+    from phenoscope.cli import main
+
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    import tifffile
+
+    masks = tifffile.imread(tmp_path / "sample_flows_masks.tif")
+    assert masks.dtype == np.uint16 and masks.max() > 50
+    assert (tmp_path / "sample_classic_overlay.png").stat().st_size > 0

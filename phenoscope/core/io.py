@@ -85,5 +85,5 @@ def imwrite_tiff(path: str | Path, arr: np.ndarray, **kwargs) -> None:
     """Write ``arr`` as a (zlib-compressed) TIFF atomically."""
     import tifffile
 
-    with atomic_write(path) as fh:
-        tifffile.imwrite(fh, arr, compression="zlib", **kwargs)
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, arr, compression="zlib", **kwargs)

@@ -24,10 +24,6 @@ from scipy import ndimage as ndi
 
 from phenoscope.segment.flows import flows_float64
 
-# Ring of past positions kept per pixel to detect exact cycles (periods 1.._CYCLE_MAX).
-_CYCLE_MAX = 8
-
-
 def _check_inputs(dP: np.ndarray, cellprob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     dP = np.asarray(dP)
     cellprob = np.asarray(cellprob)
@@ -48,6 +44,11 @@ def _check_inputs(dP: np.ndarray, cellprob: np.ndarray) -> tuple[np.ndarray, np.
     return dP.astype(np.float32, copy=False), cellprob.astype(np.float32, copy=False)
 
 
+# Past positions kept per pixel to detect exact cycles of period 1.._CYCLE_MAX (ring of 16).
+_CYCLE_MAX = 8
+_RING = 16
+
+
 @numba.njit(cache=True, inline="always")
 def _madd(a: np.float32, b: np.float32, c: np.float32, fused: bool) -> np.float32:
     """a*b + c in float32, fused (one rounding, as an FMA instruction) or not."""
@@ -57,63 +58,64 @@ def _madd(a: np.float32, b: np.float32, c: np.float32, fused: bool) -> np.float3
 
 
 @numba.njit(cache=True, inline="always")
-def _sample(im: np.ndarray, c: int, iy: int, ix: int) -> np.float32:
-    if 0 <= iy < im.shape[1] and 0 <= ix < im.shape[2]:
-        return im[c, iy, ix]
-    return np.float32(0.0)
-
-
-@numba.njit(cache=True, inline="always")
-def _step_2d(im: np.ndarray, gx: np.float32, gy: np.float32, fused: bool) -> tuple[np.float32, np.float32]:
+def _step_2d(im: np.ndarray, h: int, w: int, gx: np.float32, gy: np.float32, fused: bool) -> tuple[np.float32, np.float32]:
     """One clamped Euler step of a normalised position: torch's bilinear ``grid_sample``
-    (zeros padding, align_corners=False), reproduced operation by operation."""
+    (zeros padding, align_corners=False), reproduced operation by operation.
+
+    ``im`` (2, h+2, w+2) is the flow image with a 1-pixel zero border (so no bounds checks).
+    """
     one = np.float32(1.0)
     half = np.float32(0.5)
-    x = _madd(gx + one, np.float32(im.shape[2] / 2), -half, fused)
-    y = _madd(gy + one, np.float32(im.shape[1] / 2), -half, fused)
+    x = _madd(gx + one, np.float32(w / 2), -half, fused)
+    y = _madd(gy + one, np.float32(h / 2), -half, fused)
     x_w = np.float32(np.floor(x))
     y_n = np.float32(np.floor(y))
-    w = x - x_w
-    e = one - w
+    we = x - x_w
+    e = one - we
     n = y - y_n
     s = one - n
-    nw, ne, sw, se = s * e, s * w, n * e, n * w
-    ix, iy = int(x_w), int(y_n)
-    out = [np.float32(0.0), np.float32(0.0)]
-    for c in range(2):
-        acc = _sample(im, c, iy, ix) * nw
-        acc = _madd(_sample(im, c, iy, ix + 1), ne, acc, fused)
-        acc = _madd(_sample(im, c, iy + 1, ix), sw, acc, fused)
-        out[c] = _madd(_sample(im, c, iy + 1, ix + 1), se, acc, fused)
-    nx = min(max(gx + out[0], -one), one)
-    ny = min(max(gy + out[1], -one), one)
-    return nx, ny
+    nw, ne, sw, se = s * e, s * we, n * e, n * we
+    ix, iy = int(x_w) + 1, int(y_n) + 1
+    acc0 = im[0, iy, ix] * nw
+    acc0 = _madd(im[0, iy, ix + 1], ne, acc0, fused)
+    acc0 = _madd(im[0, iy + 1, ix], sw, acc0, fused)
+    acc0 = _madd(im[0, iy + 1, ix + 1], se, acc0, fused)
+    acc1 = im[1, iy, ix] * nw
+    acc1 = _madd(im[1, iy, ix + 1], ne, acc1, fused)
+    acc1 = _madd(im[1, iy + 1, ix], sw, acc1, fused)
+    acc1 = _madd(im[1, iy + 1, ix + 1], se, acc1, fused)
+    return min(max(gx + acc0, -one), one), min(max(gy + acc1, -one), one)
 
 
 @numba.njit(cache=True, parallel=True)
 def _follow_2d(im: np.ndarray, pts: np.ndarray, niter: int, fused: bool) -> np.ndarray:
     """Positions (N, 2) = normalised (x, y) after ``niter`` steps; each pixel stops early once its
     trajectory is exactly periodic (then its position at ``niter`` is known)."""
+    h, w = im.shape[1], im.shape[2]
+    padded = np.zeros((2, h + 2, w + 2), np.float32)
+    padded[:, 1:-1, 1:-1] = im
     out = np.empty_like(pts)
-    ring = _CYCLE_MAX + 1
+    mask = _RING - 1
     for i in numba.prange(pts.shape[0]):
-        hx = np.empty(ring, np.float32)
-        hy = np.empty(ring, np.float32)
+        hx = np.empty(_RING, np.float32)
+        hy = np.empty(_RING, np.float32)
         x, y = pts[i, 0], pts[i, 1]
         hx[0], hy[0] = x, y
         t = 0
-        done = False
-        while t < niter and not done:
-            x, y = _step_2d(im, x, y, fused)
+        while t < niter:
+            x, y = _step_2d(padded, h, w, x, y, fused)
             t += 1
+            period = 0
             for k in range(1, min(t, _CYCLE_MAX) + 1):
-                j = (t - k) % ring
+                j = (t - k) & mask
                 if hx[j] == x and hy[j] == y:  # p_t == p_(t-k): period k from t-k on
-                    r = (t - k + (niter - t) % k) % ring
-                    x, y = hx[r], hy[r]
-                    done = True
+                    period = k
                     break
-            hx[t % ring], hy[t % ring] = x, y
+            if period:
+                r = (t - period + (niter - t) % period) & mask
+                x, y = hx[r], hy[r]
+                break
+            hx[t & mask], hy[t & mask] = x, y
         out[i, 0], out[i, 1] = x, y
     return out
 

@@ -1,0 +1,27 @@
+# One-command set-up on a fresh clone:
+#   make demo   installs phenoscope and runs the main job on a generated sample (writes out/demo/)
+#   make test   installs phenoscope with the test extra and runs the default test suite
+PY ?= python3
+# torch: keep an installed one; else prefer a local CPU-only wheel (no CUDA download), else PyPI's.
+TORCH_LOCAL ?= torch==2.13.0+cpu
+
+.PHONY: install install-test demo test test-slow bench
+
+install:
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_LOCAL)" || $(PY) -m pip install -q "torch>=2.4"
+	$(PY) -m pip install -q -e .
+
+install-test: install
+	$(PY) -m pip install -q -e ".[test]"
+
+demo: install
+	$(PY) -m phenoscope demo --out out/demo
+
+test: install-test
+	$(PY) -m pytest -q
+
+test-slow: install-test
+	$(PY) -m pytest -q -m slow
+
+bench: install-test
+	$(PY) benchmarks/bench_dynamics.py
