@@ -24,6 +24,7 @@ from scipy import ndimage as ndi
 
 from phenoscope.segment.flows import flows_float64
 
+
 def _check_inputs(dP: np.ndarray, cellprob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     dP = np.asarray(dP)
     cellprob = np.asarray(cellprob)
