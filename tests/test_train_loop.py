@@ -65,6 +65,7 @@ def test_dino_loop_freeze_ema_resume(tmp_path):
     collate = MultiCropCollate(AUG, 8)
     out = train(obj, _dataset(), cfg, tmp_path, collate_fn=collate)
     assert out["step"] == 3 and not out["finished"]
+    assert obj.student.training and not obj.teacher.training  # teacher never drops paths
     assert set(out["last"]) >= {"loss", "dino", "ibot", "koleo", "lr", "wd"}
     # epoch 0: last layer frozen, teacher follows the student by EMA
     assert torch.equal(obj.student.dino_head.last_layer.parametrizations.weight.original1, last0)

@@ -67,6 +67,7 @@ class DINO(nn.Module):
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad = False
+        self.teacher.eval()  # no drop path in the teacher
         self.cls_center = Centering(cfg.n_prototypes, cfg.center_momentum)
         self.patch_center = Centering(cfg.n_prototypes, cfg.center_momentum)
 

@@ -228,7 +228,7 @@ def train(
     out_dir = Path(out_dir)
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed + rank)
-    objective.to(device)
+    objective.to(device).train()
     groups = objective.param_groups() if hasattr(objective, "param_groups") else default_param_groups(objective.named_parameters())
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     start_epoch, step = 0, 0
