@@ -93,7 +93,7 @@ def test_collate_and_masks():
 
 def test_to_cyx_and_file_sources(tmp_path):
     cyx = np.random.randint(0, 1000, (3, 20, 24)).astype(np.uint16)
-    tifffile.imwrite(tmp_path / "cyx.tif", cyx)
+    tifffile.imwrite(tmp_path / "cyx.tif", cyx, photometric="minisblack")
     tifffile.imwrite(tmp_path / "yxc.tif", np.moveaxis(cyx, 0, -1))
     for c in range(3):
         tifffile.imwrite(tmp_path / f"ch{c}.tif", cyx[c])
