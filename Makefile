@@ -13,6 +13,8 @@ install:
 
 install-test: install
 	$(PY) -m pip install -q -e ".[test]"
+	# dinov2 (parity reference for checkpoint import) pins torch==2.0.0; its forward runs on ours.
+	$(PY) -m pip install -q --no-deps "dinov2==0.0.1.dev2"
 
 demo: install
 	$(PY) -m phenoscope demo --out out/demo

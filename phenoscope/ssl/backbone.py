@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phenoscope.testing import _import_torchvision
+from phenoscope.core.compat import import_torchvision
 
 # timm imports torchvision; make a CUDA-only torchvision wheel importable on CPU torch first
 # (no-op when torchvision loads normally).
-_import_torchvision()
+import_torchvision()
 
 from timm.models.vision_transformer import Block, VisionTransformer  # noqa: E402,F401  (Block: re-exported for MAE)
 
