@@ -7,7 +7,6 @@ CPU-only fix. Nothing here is used at run time by phenoscope itself.
 from __future__ import annotations
 
 import importlib
-import sys
 import types
 
 from phenoscope.core.compat import import_torchvision

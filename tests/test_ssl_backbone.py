@@ -10,12 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from phenoscope.core.state import load_state_strict
+
 from phenoscope.ssl.backbone import BagOfChannels, CellViT, ViTConfig, interpolate_pos_embed_dinov2
 from phenoscope.ssl.checkpoint import (
     convert_dinov2_state_dict,
     load_backbone,
     load_dinov2_backbone,
-    load_state_dict_strict,
     save_backbone,
 )
 
@@ -110,9 +111,9 @@ def test_strict_load_reports_key_diff():
     del sd["norm.weight"]
     sd["pos_embed"] = torch.zeros(1, 3, 192)
     with pytest.raises(ValueError) as err:
-        load_state_dict_strict(model, sd)
+        load_state_strict(model, sd)
     msg = str(err.value)
-    assert "missing (1): norm.weight" in msg and "unexpected (1): extra.weight" in msg and "pos_embed" in msg
+    assert "missing 1 key(s): norm.weight" in msg and "unexpected 1 key(s): extra.weight" in msg and "pos_embed" in msg
 
 
 def test_channel_expansion_matches_gray_rgb():

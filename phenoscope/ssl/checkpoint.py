@@ -14,34 +14,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch import nn
 
 from phenoscope.config import from_dict, to_dict
 from phenoscope.core.io import atomic_path
+from phenoscope.core.state import load_state_strict
 from phenoscope.ssl.backbone import ARCHS, CellViT, ViTConfig
 
 _CHUNKED = re.compile(r"^blocks\.(\d+)\.(\d+)\.")
 _HEAD_PREFIXES = ("dino_head.", "ibot_head.", "head.")
-
-
-def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:
-    """Load ``state`` into ``module``; on any key or shape mismatch raise one readable ``ValueError``."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        lines = [f"{what} does not match {type(module).__name__}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-            if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
-        raise ValueError("\n".join(lines))
-    module.load_state_dict(state, strict=True)
 
 
 def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -128,7 +108,7 @@ def load_dinov2_backbone(source: str | Path | Mapping[str, Any], in_chans: int |
             raise ValueError(f"channel expansion needs a 3-channel checkpoint, this one has {ckpt_chans}")
         sd = expand_input_channels(sd, in_chans)
     model = CellViT(infer_vit_config(sd, **overrides))
-    load_state_dict_strict(model, sd, "dinov2 checkpoint")
+    load_state_strict(model, sd, "dinov2 checkpoint")
     return model
 
 
@@ -151,5 +131,5 @@ def load_backbone(path: str | Path) -> CellViT:
     if "vit_config" not in meta:
         raise ValueError(f"{path}: no vit_config metadata; not written by save_backbone")
     model = CellViT(from_dict(ViTConfig, json.loads(meta["vit_config"])))
-    load_state_dict_strict(model, load_file(str(path)), str(path))
+    load_state_strict(model, load_file(str(path)), str(path))
     return model

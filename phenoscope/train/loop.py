@@ -151,10 +151,10 @@ def load_checkpoint(out_dir: Path, objective: nn.Module, opt: torch.optim.Optimi
     """Restore weights and optimiser state; returns (next epoch, step)."""
     from safetensors.torch import load_file
 
-    from phenoscope.ssl.checkpoint import load_state_dict_strict
+    from phenoscope.core.state import load_state_strict
 
     device = next(objective.parameters()).device
-    load_state_dict_strict(objective, load_file(str(out_dir / CHECKPOINT), device=str(device)), str(out_dir / CHECKPOINT))
+    load_state_strict(objective, load_file(str(out_dir / CHECKPOINT), device=str(device)), str(out_dir / CHECKPOINT))
     state = torch.load(out_dir / TRAINER_STATE, map_location=device, weights_only=True)
     opt.load_state_dict(state["optimizer"])
     return int(state["epoch"]), int(state["step"])
