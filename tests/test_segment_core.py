@@ -214,12 +214,15 @@ def test_classic_baseline_on_real_images(dsb_dir):
     assert scores["color_lightbg_HE_or_brightfield"] > 0.2, scores
 
 
-def test_demo_writes_outputs(tmp_path):
+def test_demo_runs_the_shipped_model(tmp_path, capsys):
     from phenoscope.cli import main
 
     assert main(["demo", "--out", str(tmp_path)]) == 0
     import tifffile
 
-    masks = tifffile.imread(tmp_path / "sample_flows_masks.tif")
-    assert masks.dtype == np.uint16 and masks.max() > 50
-    assert (tmp_path / "sample_classic_overlay.png").stat().st_size > 0
+    masks = tifffile.imread(tmp_path / "sample_default_masks.tif")
+    assert masks.dtype == np.uint16 and masks.max() > 50  # 80 generated nuclei
+    assert (tmp_path / "sample_default_overlay.png").stat().st_size > 0
+    assert (tmp_path / "sample_default_cells.csv").read_text().count("\n") == masks.max() + 1
+    ap = float(capsys.readouterr().out.split("default: AP@0.5 = ")[1].split()[0])
+    assert ap > 0.8  # the shipped model finds the generated nuclei

@@ -126,11 +126,12 @@ def test_cell_crops_centred_and_masked():
     labels[10:15, 20:25] = 3  # centroid (12, 22)
     labels[0:3, 0:3] = 7  # touches the border → zero padding
     image = np.stack([np.arange(1600, dtype=np.float32).reshape(40, 40) + 1, np.ones((40, 40), np.float32)])
-    crops, ids = cell_crops(image, labels, 8)
+    crops, ids, centres = cell_crops(image, labels, 8)
     assert ids.tolist() == [3, 7] and crops.shape == (2, 2, 8, 8)
+    np.testing.assert_allclose(centres, [[12, 22], [1, 1]])
     assert crops[0, 0, 4, 4] == image[0, 12, 22]  # centre pixel = centroid
     assert crops[1, 1, 0, 0] == 0 and crops[1, 1, 4, 4] == 1  # padded outside the image
-    masked, _ = cell_crops(image, labels, 8, mask_background=True)
+    masked, _, _ = cell_crops(image, labels, 8, mask_background=True)
     assert masked[0, 1].sum() == 25  # only the 5x5 cell survives
     with pytest.raises(ValueError, match="do not match"):
         cell_crops(image, labels[:10], 8)

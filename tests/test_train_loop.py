@@ -75,7 +75,7 @@ def test_dino_loop_freeze_ema_resume(tmp_path):
     obj2 = _dino()
     cfg2 = TrainConfig(epochs=3, batch_size=4, warmup_epochs=1, progress_bar=False)
     out2 = train(obj2, _dataset(), cfg2, tmp_path, resume=True, collate_fn=collate)
-    assert out2["finished"] and out2["step"] == 3 + 3 * 4  # epoch 0 restarts (stopped mid-epoch), then 2 more
+    assert out2["finished"] and out2["step"] == 3 * 4  # epoch 0 continues where it stopped, then 2 more
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [int(float(r["step"])) for r in rows] == list(range(out2["step"]))
     # after epoch 1 the last layer trains

@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: jobs have saved what they can resume from
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

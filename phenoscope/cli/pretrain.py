@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from phenoscope.cli.common import add_run_options, apply_threads
+
 
 def add_parser(subparsers) -> None:
     from phenoscope.ssl.pretrain import METHODS
@@ -14,19 +16,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", nargs="+", required=True, help=".npz files, image files or folders")
     p.add_argument("--out", required=True, help="output folder (checkpoints, logs, backbone.safetensors)")
     p.add_argument("--config", default=None, help="TOML/JSON file with PretrainConfig sections")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    add_run_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from phenoscope.config import load_config
     from phenoscope.ssl.pretrain import PretrainConfig, pretrain
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     cfg = load_config(PretrainConfig, args.config, method=args.method)
     summary = pretrain(cfg, args.data, args.out, resume=args.resume)
     print(json.dumps(summary))

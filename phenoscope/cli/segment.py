@@ -25,8 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--model", required=True,
-                   help="weights file (.safetensors of ours, or a cellpose cpsam file), or 'classic'")
+    p.add_argument("--model", default="default",
+                   help="'default' (the shipped model), a weights file (.safetensors of ours, or a cellpose cpsam "
+                        "file), or 'classic' (Otsu + watershed)")
     p.add_argument("--diameter", type=float, default=None, help="typical cell diameter in px (resizes to 30 px)")
     p.add_argument("--flow-threshold", type=float, default=0.4)
     p.add_argument("--cellprob-threshold", type=float, default=0.0)

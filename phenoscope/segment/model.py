@@ -63,6 +63,13 @@ def to_yxc(image: np.ndarray, channel_axis: int | None = None, max_channels: int
     return image[..., :max_channels]
 
 
+def merge_identical_channels(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) → (H, W, 1) when every channel equals the first (a gray image saved as RGB), else as is."""
+    if image.shape[-1] > 1 and all(np.array_equal(image[..., 0], image[..., c]) for c in range(1, image.shape[-1])):
+        return image[..., :1]
+    return image
+
+
 def resize_chw(x: np.ndarray, ly: int, lx: int) -> np.ndarray:
     """Bilinear resize of a (C, H, W) float32 array (half-pixel centres, no antialias: cv2 INTER_LINEAR)."""
     if x.shape[-2:] == (ly, lx):
@@ -131,6 +138,8 @@ class CellposeSAM:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Flows (2, H, W) and cellprob logits (H, W) of an image, at its original size."""
         x = to_yxc(image, channel_axis, self.cfg.in_chans)
+        if self.cfg.merge_identical_channels:
+            x = merge_identical_channels(x)
         if not np.isfinite(x).all():
             raise ValueError("image contains NaN or inf values")
         h, w = x.shape[:2]
@@ -176,8 +185,13 @@ class CellposeSAM:
         return SegmentResult(masks=masks, flows=flows, cellprob=cellprob)
 
 
-def load_model(name_or_path: str | Path, device: str | torch.device | None = None) -> CellposeSAM:
-    """A :class:`CellposeSAM` from a weights file: ours (``.safetensors`` + ``.json``) or a cellpose cpsam file."""
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default.safetensors"
+
+
+def load_model(name_or_path: str | Path = "default", device: str | torch.device | None = None) -> CellposeSAM:
+    """A :class:`CellposeSAM` from a weights file — ours (``.safetensors`` + ``.json``) or a cellpose
+    cpsam file — or ``"default"``: the model shipped with phenoscope (see ``phenoscope/models/default.md``)."""
     from phenoscope.segment.checkpoint import load_network
 
-    return CellposeSAM(load_network(name_or_path), device)
+    path = DEFAULT_MODEL if str(name_or_path) == "default" else name_or_path
+    return CellposeSAM(load_network(path), device)

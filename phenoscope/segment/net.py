@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phenoscope.core.fastops import linear
+
 # cpsam keeps SAM ViT-L's relative-position tables: 127 rows in the four global blocks of SAM
 # (input 64×64), 27 rows in the others (window 14); all are resized to 63 rows at run time.
 _SAM_VITL_GLOBAL = (5, 11, 17, 23)
@@ -41,6 +43,9 @@ class NetConfig:
     # rows of each block's relative-position tables; () means 2·(tile/patch) − 1 (no resize needed)
     rel_pos_rows: tuple[int, ...] = field(default_factory=_sam_vitl_rel_rows)
     diam_mean: float = 30.0
+    # feed a gray image stored as identical RGB planes as one channel (others zero), as phenoscope
+    # trains its own models; cellpose (and so an imported cpsam) feeds the three copies
+    merge_identical_channels: bool = False
 
     @property
     def grid(self) -> int:
@@ -53,36 +58,19 @@ class NetConfig:
 
 VARIANTS: dict[str, NetConfig] = {
     "large": NetConfig(),
-    "small": NetConfig(depth=12, dim=384, heads=6, rel_pos_rows=()),
-    "tiny": NetConfig(depth=12, dim=192, heads=3, neck_dim=128, rel_pos_rows=()),
+    "small": NetConfig(depth=12, dim=384, heads=6, rel_pos_rows=(), merge_identical_channels=True),
+    "tiny": NetConfig(depth=12, dim=192, heads=3, neck_dim=128, rel_pos_rows=(), merge_identical_channels=True),
+    # the shipped default: 128² tiles (16×16 tokens) train 4× more steps per CPU-hour than 256²,
+    # and a 1024² image still segments in a few seconds on a 2-core CPU
+    "nano": NetConfig(depth=6, dim=192, heads=3, neck_dim=128, tile=128, rel_pos_rows=(), merge_identical_channels=True),
 }
 
 
 def variant(name: str, **overrides) -> NetConfig:
-    """The named configuration (``large``, ``small``, ``tiny``), optionally with fields overridden."""
+    """The named configuration (``large``, ``small``, ``tiny``, ``nano``), optionally with fields overridden."""
     if name not in VARIANTS:
         raise ValueError(f"unknown network variant {name!r}; choose from {sorted(VARIANTS)}")
     return replace(VARIANTS[name], **overrides)
-
-
-def _use_mkldnn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # oneDNN's linear is ~20 % faster than MKL sgemm on AMD CPUs and fuses GELU; inference only.
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-    )
-
-
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
-    """``layer(x)`` (then exact-erf GELU if asked), through oneDNN on CPU at inference time."""
-    if _use_mkldnn(x, layer.weight):
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(flat, layer.weight, layer.bias, "gelu" if gelu else "none", [], "none" if gelu else "")
-        return out.reshape(*x.shape[:-1], -1)
-    y = F.linear(x, layer.weight, layer.bias)
-    return F.gelu(y) if gelu else y
 
 
 def resize_rel_pos(table: torch.Tensor, rows: int) -> torch.Tensor:
@@ -206,9 +194,23 @@ class Encoder(nn.Module):
             LayerNorm2d(cfg.neck_dim),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, T, T) images → (B, neck_dim, T/patch, T/patch) features."""
+    def forward(self, x: torch.Tensor, layer_drop: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, in_chans, T, T) images → (B, neck_dim, T/patch, T/patch) features.
+
+        ``layer_drop`` (training): block i is skipped for each sample with probability
+        ``layer_drop · i / (depth − 1)`` (cellpose's linear ramp); skipped samples are not computed.
+        """
         x = self.patch_embed.proj(x).permute(0, 2, 3, 1) + self.pos_embed
+        if layer_drop > 0 and self.training:
+            p = torch.linspace(0, layer_drop, len(self.blocks))
+            keep = torch.rand(len(self.blocks), x.shape[0], generator=generator) >= p[:, None]
+            for blk, k in zip(self.blocks, keep):
+                if k.all():
+                    x = blk(x)
+                elif k.any():
+                    idx = k.nonzero()[:, 0].to(x.device)
+                    x = x.index_copy(0, idx, blk(x.index_select(0, idx)))
+            return self.neck(x.permute(0, 3, 1, 2))
         for blk in self.blocks:
             x = blk(x)
         return self.neck(x.permute(0, 3, 1, 2))
@@ -223,13 +225,13 @@ class CellposeSAMNet(nn.Module):
         self.encoder = Encoder(cfg)
         self.out = nn.Conv2d(cfg.neck_dim, cfg.nout * cfg.patch**2, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, tile, tile) → (B, nout, tile, tile)."""
+    def forward(self, x: torch.Tensor, layer_drop: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, in_chans, tile, tile) → (B, nout, tile, tile); ``layer_drop`` as in :meth:`Encoder.forward`."""
         if x.shape[1:] != (self.cfg.in_chans, self.cfg.tile, self.cfg.tile):
             raise ValueError(
                 f"expected input (B, {self.cfg.in_chans}, {self.cfg.tile}, {self.cfg.tile}), got {tuple(x.shape)}"
             )
-        return F.pixel_shuffle(self.out(self.encoder(x)), self.cfg.patch)
+        return F.pixel_shuffle(self.out(self.encoder(x, layer_drop, generator)), self.cfg.patch)
 
 
 def build_net(cfg: NetConfig | str = "large") -> CellposeSAMNet:

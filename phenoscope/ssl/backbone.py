@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phenoscope.core.compat import import_torchvision
+from phenoscope.core.fastops import linear
 
 # timm imports torchvision; make a CUDA-only torchvision wheel importable on CPU torch first
 # (no-op when torchvision loads normally).
@@ -142,6 +143,12 @@ class CellViT(VisionTransformer):
         Returns:
             ``cls`` (B, D), ``registers`` (B, R, D), ``patches`` (B, N or K, D).
         """
+        t = self.norm(self.blocks(self.input_tokens(x, masks, keep)))
+        r = self.n_prefix
+        return {"cls": t[:, 0], "registers": t[:, 1:r], "patches": t[:, r:]}
+
+    def input_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) → (B, prefix + N, D) tokens entering the first block (see :meth:`forward_tokens`)."""
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
             raise ValueError(f"expected input (B, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}")
         b, _, h, w = x.shape
@@ -157,14 +164,39 @@ class CellViT(VisionTransformer):
         prefix = [self.cls_token.expand(b, -1, -1)]
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(b, -1, -1))
-        t = torch.cat(prefix + [t], dim=1)
-        t = self.norm(self.blocks(self.norm_pre(t)))
-        r = self.n_prefix
-        return {"cls": t[:, 0], "registers": t[:, 1:r], "patches": t[:, r:]}
+        return self.norm_pre(torch.cat(prefix + [t], dim=1))
+
+    def embed(self, x: torch.Tensor, n_last_blocks: int = 1) -> torch.Tensor:
+        """Evaluation features (B, (n_last_blocks + 1)·D): the normed class token of each of the last
+        ``n_last_blocks`` blocks (dinov2 linear-probe style), then the mean of the last block's patch tokens."""
+        if not 1 <= n_last_blocks <= len(self.blocks):
+            raise ValueError(f"n_last_blocks must be in 1..{len(self.blocks)}, got {n_last_blocks}")
+        t = self.input_tokens(x)
+        first_kept = len(self.blocks) - n_last_blocks
+        blk0 = self.blocks[0]
+        fast = not torch.is_grad_enabled() and isinstance(blk0.mlp.act, nn.GELU) and getattr(blk0.attn, "gate", None) is None
+        cls = []
+        for i, blk in enumerate(self.blocks):
+            t = inference_block(blk, t) if fast else blk(t)
+            if i >= first_kept:
+                cls.append(self.norm(t[:, 0]))
+        patches = self.norm(t[:, self.n_prefix :]).mean(dim=1)
+        return torch.cat(cls + [patches], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """(B, C, H, W) → class-token embedding (B, D)."""
         return self.forward_tokens(x)["cls"]
+
+
+def inference_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm ``Block.forward`` without autograd, with oneDNN linears and the GELU fused into ``fc1``."""
+    attn, mlp = blk.attn, blk.mlp
+    b, n, c = x.shape
+    qkv = linear(blk.norm1(x), attn.qkv).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    y = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v).transpose(1, 2).reshape(b, n, -1)
+    x = x + blk.ls1(linear(attn.norm(y), attn.proj))
+    return x + blk.ls2(linear(mlp.norm(linear(blk.norm2(x), mlp.fc1, gelu=True)), mlp.fc2))
 
 
 class BagOfChannels(nn.Module):

@@ -98,14 +98,17 @@ class FOVCrops:
         return img[:, top : top + self.size, left : left + self.size]
 
 
-def cell_crops(image: np.ndarray, labels: np.ndarray, size: int, mask_background: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def cell_crops(
+    image: np.ndarray, labels: np.ndarray, size: int, mask_background: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fixed-size crops centred on each labelled object's centroid.
 
     Args:
         image: (C, H, W); labels: (H, W) integer instance labels, 0 = background.
         mask_background: zero every pixel that does not belong to the crop's own cell.
     Returns:
-        crops (n, C, size, size) float32, zero-padded at image borders, and their label ids (n,).
+        crops (n, C, size, size) float32, zero-padded at image borders, their label ids (n,)
+        and centroids (n, 2) as (y, x) in pixels.
     """
     from scipy import ndimage
 
@@ -123,7 +126,7 @@ def cell_crops(image: np.ndarray, labels: np.ndarray, size: int, mask_background
         top, left = int(round(cy)), int(round(cx))  # in padded coordinates: centre - half + half
         crop = img[:, top : top + size, left : left + size]
         crops[n] = crop * (lab[top : top + size, left : left + size] == cid) if mask_background else crop
-    return crops, ids
+    return crops, ids, np.asarray(centres, dtype=np.float64).reshape(-1, 2)
 
 
 class ChannelsAsSamples:

@@ -6,17 +6,27 @@ tensors with a ``"loss"`` entry (the others are logged). Optional hooks:
 - ``param_groups() -> list[dict]``: groups with ``lr_mult``, ``wd_mult``, ``is_last_layer``
   (see ``phenoscope.train.optim.param_groups``; default: all trainable parameters).
 - ``on_step_end(progress)``: called after each optimiser step (e.g. EMA teacher update).
+- ``on_epoch_end(epoch) -> dict | None``: called on rank 0 after each epoch (e.g. validation);
+  returned values are logged per epoch in ``epochs.csv`` / ``curves.png``.
+- ``find_unused_parameters = True``: for objectives that skip parameters on some steps (layer drop) under DDP.
+
+A dataset with ``set_epoch(epoch)`` is told the epoch before it is iterated, so its random
+augmentations can be a pure function of (seed, epoch, index): a resumed run (even one stopped in the
+middle of an epoch) then continues exactly as an uninterrupted run would.
 
 The loop owns AdamW, LR warm-up + cosine, weight-decay cosine, gradient clipping, freezing of
 ``last_layer`` parameters for the first epochs, bf16 autocast on GPU, checkpoint / resume
-(safetensors weights + ``weights_only`` trainer state), CSV + PNG loss logs, a tqdm progress
+(safetensors weights + ``weights_only`` trainer state, also on Ctrl-C / SIGTERM), CSV + PNG loss logs, a tqdm progress
 bar and DDP when launched with ``torchrun`` (gloo on CPU, NCCL on GPU).
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,16 +36,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from phenoscope.core.io import atomic_path
 from phenoscope.train.optim import param_groups as default_param_groups
-from phenoscope.train.schedules import cosine_schedule
+from phenoscope.train.schedules import cosine_schedule, step_schedule
 
 CHECKPOINT = "checkpoint.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 LOG_CSV = "log.csv"
 LOG_PNG = "loss.png"
+EPOCH_CSV = "epochs.csv"
+EPOCH_PNG = "curves.png"
+SCHEDULES = ("cosine", "step")
 
 
 @dataclass
@@ -47,6 +60,8 @@ class TrainConfig:
     lr: float = 5e-4
     min_lr: float = 1e-6
     warmup_epochs: float = 10.0
+    schedule: str = "cosine"  # LR after warm-up: "cosine" to min_lr, or "step" (cellpose: 10 halvings at the end)
+    decay_epochs: int = -1  # "step": epochs over which the 10 halvings happen; -1 = cellpose's rule
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     betas: tuple[float, float] = (0.9, 0.999)
@@ -57,6 +72,7 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
     max_steps: int = 0  # stop after this many steps in this run; 0 = no limit
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch and any stop always save)
     progress_bar: bool = True
 
 
@@ -98,36 +114,53 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
+class ResumableSampler(Sampler):
+    """A per-epoch seeded shuffle (distributed under DDP) that can start ``skip`` samples into the epoch."""
+
+    def __init__(self, dataset: Dataset, seed: int, world: int) -> None:
+        if world > 1:
+            self.base: Sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
+        else:
+            self.base = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        self.seed, self.skip = seed, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        if isinstance(self.base, DistributedSampler):
+            self.base.set_epoch(epoch)
+        else:
+            self.base.generator.manual_seed(self.seed + epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.base) - self.skip
+
+
 def make_loader(dataset: Dataset, cfg: TrainConfig, world: int, collate_fn: Callable | None) -> DataLoader:
     """Shuffled loader that drops the last partial batch (distributed sampler under DDP)."""
     if len(dataset) < cfg.batch_size * world:
         raise ValueError(f"dataset has {len(dataset)} samples, fewer than one global batch ({cfg.batch_size} x {world})")
-    if world > 1:
-        sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=True)
-    else:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed))
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        sampler=sampler,
+        sampler=ResumableSampler(dataset, cfg.seed, world),
         num_workers=cfg.num_workers,
         collate_fn=collate_fn,
         drop_last=True,
         worker_init_fn=_seed_worker,
-        persistent_workers=cfg.num_workers > 0,
+        # workers must see the dataset's epoch (set_epoch), so they restart every epoch then
+        persistent_workers=cfg.num_workers > 0 and not hasattr(dataset, "set_epoch"),
     )
-
-
-def _set_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    else:
-        loader.sampler.generator.manual_seed(seed + epoch)
 
 
 def _apply_schedules(opt: torch.optim.Optimizer, cfg: TrainConfig, progress: Progress) -> tuple[float, float]:
     warmup = int(cfg.warmup_epochs * progress.steps_per_epoch)
-    lr = cosine_schedule(progress.step, progress.total_steps, cfg.lr, cfg.min_lr, warmup)
+    if cfg.schedule == "step":
+        lr = step_schedule(progress.step, progress.steps_per_epoch, cfg.epochs, cfg.lr, warmup, cfg.decay_epochs)
+    else:
+        lr = cosine_schedule(progress.step, progress.total_steps, cfg.lr, cfg.min_lr, warmup)
     wd = cosine_schedule(progress.step, progress.total_steps, cfg.weight_decay, cfg.weight_decay_end)
     frozen = progress.epoch < cfg.freeze_last_layer_epochs
     for g in opt.param_groups:
@@ -136,19 +169,22 @@ def _apply_schedules(opt: torch.optim.Optimizer, cfg: TrainConfig, progress: Pro
     return lr, wd
 
 
-def save_checkpoint(out_dir: Path, objective: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int) -> None:
-    """Weights as safetensors, then optimiser state and counters (loadable with weights_only)."""
+def save_checkpoint(out_dir: Path, objective: nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int, batch: int = 0) -> None:
+    """Weights as safetensors, then optimiser state and counters (loadable with weights_only).
+
+    ``epoch`` is the epoch to continue with and ``batch`` the number of its batches already done.
+    """
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in objective.state_dict().items()}
     with atomic_path(out_dir / CHECKPOINT) as tmp:
         save_file(state, str(tmp))
     with atomic_path(out_dir / TRAINER_STATE) as tmp:
-        torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step}, tmp)
+        torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "batch": batch}, tmp)
 
 
-def load_checkpoint(out_dir: Path, objective: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int]:
-    """Restore weights and optimiser state; returns (next epoch, step)."""
+def load_checkpoint(out_dir: Path, objective: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int, int]:
+    """Restore weights and optimiser state; returns (epoch to continue, step, batches of it done)."""
     from safetensors.torch import load_file
 
     from phenoscope.core.state import load_state_strict
@@ -157,19 +193,18 @@ def load_checkpoint(out_dir: Path, objective: nn.Module, opt: torch.optim.Optimi
     load_state_strict(objective, load_file(str(out_dir / CHECKPOINT), device=str(device)), str(out_dir / CHECKPOINT))
     state = torch.load(out_dir / TRAINER_STATE, map_location=device, weights_only=True)
     opt.load_state_dict(state["optimizer"])
-    return int(state["epoch"]), int(state["step"])
+    return int(state["epoch"]), int(state["step"]), int(state.get("batch", 0))
 
 
 class LossLog:
-    """Append-only CSV of per-step values plus a PNG plot (rank 0 only)."""
+    """Append-only CSV of values indexed by ``x`` ("step" or "epoch") plus a PNG plot (rank 0 only)."""
 
-    def __init__(self, out_dir: Path, resume_step: int | None) -> None:
-        self.csv = out_dir / LOG_CSV
-        self.png = out_dir / LOG_PNG
+    def __init__(self, csv_path: Path, png_path: Path, x: str = "step", resume_at: int | None = None) -> None:
+        self.csv, self.png, self.x = csv_path, png_path, x
         self.rows: list[dict[str, float]] = []
-        if resume_step is not None and self.csv.exists():
+        if resume_at is not None and self.csv.exists():
             with open(self.csv, newline="") as fh:
-                self.rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh) if float(r["step"]) < resume_step]
+                self.rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh) if float(r[x]) < resume_at]
         self._rewrite()
 
     def _rewrite(self) -> None:
@@ -180,6 +215,10 @@ class LossLog:
                 writer.writerows(self.rows)
 
     def append(self, row: dict[str, float]) -> None:
+        if self.rows and set(row) != set(self.rows[0]):
+            self.rows.append(row)
+            self._rewrite_union()
+            return
         new_file = not self.rows
         self.rows.append(row)
         with open(self.csv, "a", newline="") as fh:
@@ -187,6 +226,12 @@ class LossLog:
             if new_file:
                 writer.writeheader()
             writer.writerow(row)
+
+    def _rewrite_union(self) -> None:
+        # rows with different keys (e.g. validation only every N epochs): blank cells where missing
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        self.rows = [{k: r.get(k, float("nan")) for k in keys} for r in self.rows]
+        self._rewrite()
 
     def plot(self) -> None:
         import matplotlib
@@ -197,20 +242,29 @@ class LossLog:
         keys = [k for k in self.rows[0] if k not in ("step", "epoch", "lr", "wd")] if self.rows else []
         if not keys:
             return
-        steps = np.array([r["step"] for r in self.rows])
+        xs = np.array([r[self.x] for r in self.rows])
         fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
-        win = max(1, len(steps) // 50)
+        win = max(1, len(xs) // 50)
         for ax, key in zip(axes[:, 0], keys):
             y = np.array([r[key] for r in self.rows])
-            ax.plot(steps, y, lw=0.5, alpha=0.4)
+            ok = np.isfinite(y)
+            ax.plot(xs[ok], y[ok], lw=0.5 if win > 1 else 1.2, alpha=0.4 if win > 1 else 1.0, marker="" if win > 1 else ".")
             if win > 1:
-                ax.plot(steps[win - 1 :], np.convolve(y, np.ones(win) / win, mode="valid"), lw=1.2)
+                ax.plot(xs[win - 1 :], np.convolve(y, np.ones(win) / win, mode="valid"), lw=1.2)
             ax.set_ylabel(key)
-        axes[-1, 0].set_xlabel("step")
+        axes[-1, 0].set_xlabel(self.x)
         fig.tight_layout()
         with atomic_path(self.png) as tmp:
             fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM turned into an interrupt so the loop can checkpoint before exiting."""
+
+
+def _raise_interrupted(signum, frame):  # noqa: ARG001
+    raise _Interrupted(f"signal {signum}")
 
 
 def train(
@@ -224,63 +278,108 @@ def train(
     """Train ``objective`` on ``dataset``; checkpoints and logs go to ``out_dir``.
 
     Returns a summary: steps run, final epoch, last logged values, and whether it finished.
+    Ctrl-C or SIGTERM saves a checkpoint at the last completed step before stopping.
     """
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; choose from {SCHEDULES}")
     out_dir = Path(out_dir)
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed + rank)
     objective.to(device).train()
     groups = objective.param_groups() if hasattr(objective, "param_groups") else default_param_groups(objective.named_parameters())
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-    start_epoch, step = 0, 0
+    start_epoch, step, skip = 0, 0, 0
     if resume and (out_dir / TRAINER_STATE).exists():
-        start_epoch, step = load_checkpoint(out_dir, objective, opt)
-    model = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+        start_epoch, step, skip = load_checkpoint(out_dir, objective, opt)
+    model = objective
+    if world > 1:
+        unused = getattr(objective, "find_unused_parameters", False)
+        model = nn.parallel.DistributedDataParallel(objective, find_unused_parameters=unused)
     loader = make_loader(dataset, cfg, world, collate_fn)
     steps_per_epoch = len(loader)
     total = cfg.epochs * steps_per_epoch
-    log = LossLog(out_dir, step if resume else None) if rank == 0 else None
+    logs = None
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        logs = (LossLog(out_dir / LOG_CSV, out_dir / LOG_PNG, "step", step if resume else None),
+                LossLog(out_dir / EPOCH_CSV, out_dir / EPOCH_PNG, "epoch", start_epoch if resume else None))
     params = [p for g in groups for p in g["params"]]
     last_layer = [p for g in groups if g["is_last_layer"] for p in g["params"]]
     t0, run_steps, last, stopped = time.monotonic(), 0, {}, False
-    for epoch in range(start_epoch, cfg.epochs):
-        _set_epoch(loader, epoch, cfg.seed)
-        bar = _progress_bar(loader, epoch, cfg, rank)
-        for batch in bar:
-            progress = Progress(step, epoch, steps_per_epoch, total)
-            lr, wd = _apply_schedules(opt, cfg, progress)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-                out = model(to_device(batch, device), progress)
-            loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if epoch < cfg.freeze_last_layer_epochs:
-                for p in last_layer:
-                    p.grad = None
-            if cfg.clip_grad > 0:
-                nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            opt.step()
-            if hasattr(objective, "on_step_end"):
-                objective.on_step_end(progress)
-            last = {"step": step, "epoch": epoch, "lr": lr, "wd": wd, **{k: float(torch.as_tensor(v).detach()) for k, v in out.items()}}
-            if log is not None:
-                log.append(last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
-            step, run_steps = step + 1, run_steps + 1
-            out_of_time = cfg.max_minutes > 0 and time.monotonic() - t0 > 60 * cfg.max_minutes
-            if out_of_time or (cfg.max_steps and run_steps >= cfg.max_steps):
-                stopped = True
+    done = (start_epoch, step, skip)  # (epoch, step, batches of that epoch) completed so far
+    old_handler = signal.signal(signal.SIGTERM, _raise_interrupted) if _main_thread() else None
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            loader.sampler.set_epoch(epoch, skip * cfg.batch_size)
+            losses: list[float] = []
+            for batch_idx, batch in enumerate(_progress_bar(loader, epoch, cfg, rank), start=skip):
+                progress = Progress(step, epoch, steps_per_epoch, total)
+                lr, wd = _apply_schedules(opt, cfg, progress)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+                    out = model(to_device(batch, device), progress)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if epoch < cfg.freeze_last_layer_epochs:
+                    for p in last_layer:
+                        p.grad = None
+                if cfg.clip_grad > 0:
+                    nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                opt.step()
+                if hasattr(objective, "on_step_end"):
+                    objective.on_step_end(progress)
+                step, run_steps = step + 1, run_steps + 1
+                done = (epoch, step, batch_idx + 1)
+                last = {"step": step - 1, "epoch": epoch, "lr": lr, "wd": wd, **{k: float(torch.as_tensor(v).detach()) for k, v in out.items()}}
+                losses.append(last["loss"])
+                if logs is not None:
+                    logs[0].append(last)
+                out_of_time = cfg.max_minutes > 0 and time.monotonic() - t0 > 60 * cfg.max_minutes
+                if out_of_time or (cfg.max_steps and run_steps >= cfg.max_steps):
+                    stopped = (epoch + 1, batch_idx + 1) != (cfg.epochs, steps_per_epoch)
+                    break
+            skip = 0
+            if done[2] == steps_per_epoch:  # the epoch is complete
+                done = (epoch + 1, step, 0)
+                if rank == 0:
+                    _end_epoch(objective, logs, epoch, losses)
+            if rank == 0 and (stopped or done[0] == cfg.epochs or done[0] % max(cfg.checkpoint_every, 1) == 0):
+                save_checkpoint(out_dir, objective, opt, *done)
+                logs[0].plot()
+            if stopped:
                 break
-        done_epoch = epoch + (0 if stopped else 1)
+    except KeyboardInterrupt:
         if rank == 0:
-            save_checkpoint(out_dir, objective, opt, done_epoch, step)
-            log.plot()
-        if stopped:
-            break
+            save_checkpoint(out_dir, objective, opt, *done)
+            print(f"\ninterrupted: checkpoint saved at step {done[1]}; continue with --resume", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
     if world > 1:
         dist.barrier()
     return {"steps": run_steps, "step": step, "finished": not stopped, "last": last, "minutes": (time.monotonic() - t0) / 60}
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _end_epoch(objective: nn.Module, logs: tuple[LossLog, LossLog], epoch: int, losses: list[float]) -> None:
+    """Epoch summary row: mean training loss plus whatever ``objective.on_epoch_end`` reports."""
+    row = {"epoch": float(epoch), "train_loss": float(np.mean(losses)) if losses else float("nan")}
+    if hasattr(objective, "on_epoch_end"):
+        was_training = objective.training
+        row.update(objective.on_epoch_end(epoch) or {})
+        objective.train(was_training)
+    logs[1].append(row)
+    logs[1].plot()
 
 
 def _progress_bar(loader: DataLoader, epoch: int, cfg: TrainConfig, rank: int):

@@ -36,3 +36,21 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         raise ValueError("teacher and student have different parameter lists")
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, [p.detach() for p in s_params], alpha=1 - momentum)
+
+
+def step_schedule(step: int, steps_per_epoch: int, epochs: int, base: float, warmup: int = 0, decay_epochs: int = -1) -> float:
+    """cellpose ``train_seg`` learning rate: linear warm-up (``warmup`` steps), constant, then 10 halvings.
+
+    The halvings are spread evenly over the last ``decay_epochs`` epochs; ``-1`` follows cellpose
+    (the last 100 epochs if ``epochs > 300``, the last 50 if ``epochs > 99``, else none).
+    """
+    if step < warmup:
+        return base * step / warmup
+    if decay_epochs < 0:
+        decay_epochs = 100 if epochs > 300 else 50 if epochs > 99 else 0
+    if decay_epochs == 0:
+        return base
+    into = step / max(steps_per_epoch, 1) - (epochs - decay_epochs)  # epochs into the decay phase
+    if into < 0:
+        return base
+    return base / 2 ** (1 + min(int(into * 10 / decay_epochs), 9))

@@ -1,0 +1,100 @@
+"""End-to-end time of the default model on a 1024×1024 image on CPU (2 threads), beside cellpose cpsam.
+
+Times ``load_model().segment(image)`` (normalisation, 25 tiles, blending, flow dynamics with QC)
+and the whole ``phenoscope segment`` per-image step (read, segment, write masks + cell table).
+Images: the densest real 1024² DSB 2018 image (when ``../shared/data`` is there) and a dense generated one.
+With ``--cpsam-tiles N`` it also times cellpose 4.2.1.1's CPSAM (random weights, fp32) on N 256²
+tiles and extrapolates to the 25 tiles cellpose needs for this image, for the ratio.
+
+    python benchmarks/bench_default_speed.py --threads 2 --repeats 3 --cpsam-tiles 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DSB = ROOT.parent / "shared" / "data" / "dsb2018_train"
+
+
+def sample_images() -> list[tuple[np.ndarray, str]]:
+    """1024² images: the DSB 1024×1024 image with the most nuclei (if the data is there) and a dense
+    generated one (the demo sample tiled 2×2: 320 nuclei)."""
+    from phenoscope.datasets import synthetic_nuclei
+
+    img, _ = synthetic_nuclei((512, 512), n=80)
+    out = [(np.tile(img, (2, 2)), "generated, 320 nuclei")]
+    if DSB.exists():
+        from phenoscope.datasets import dsb_image, dsb_index
+
+        idx = dsb_index(DSB)
+        big = idx[(idx.height == 1024) & (idx.width == 1024)]
+        row = big.loc[big.n_objects.idxmax()]
+        out.insert(0, (dsb_image(DSB, row.image_id), f"DSB {row.image_id[:12]}… RGB, {row.n_objects} nuclei annotated"))
+    return out
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def cpsam_seconds(tiles: int, total_tiles: int) -> float:
+    """cellpose CPSAM fp32 forward time for ``tiles`` tiles, scaled to ``total_tiles``."""
+    from phenoscope.testing import import_cellpose
+
+    net = import_cellpose().vit.CPSAM().eval()  # fp32
+    x = torch.randn(tiles, 3, 256, 256)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        net(x)
+    return (time.perf_counter() - t0) * total_tiles / tiles
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cpsam-tiles", type=int, default=0, help="also time N cpsam tiles (0: skip)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from phenoscope.cli import build_parser
+    from phenoscope.cli.segment import _segmenter, process_one
+    from phenoscope.core.io import imwrite_tiff
+    from phenoscope.core.tiling import tile_grid
+    from phenoscope.segment import load_model
+
+    model = load_model(args.model)
+    n_tiles = len(list(tile_grid(1024, 1024, model.cfg.tile, 0.1)))
+    print(f"{n_tiles} tiles of {model.cfg.tile}² per image; {args.threads} threads, best of {args.repeats}")
+    for image, what in sample_images():
+        res = model.segment(image)  # warm-up (numba compilation, oneDNN kernels)
+        seg = best_of(lambda: model.segment(image), args.repeats)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "image.tif"
+            imwrite_tiff(path, image)
+            cli = build_parser().parse_args(["segment", str(path), "--out", tmp, "--model", args.model])
+            segmenter = _segmenter(cli)
+            end_to_end = best_of(lambda: process_one(path, segmenter, cli), args.repeats)
+        print(f"{what} → {res.masks.max()} cells: model.segment {seg:.2f} s; "
+              f"read + segment + write masks and cells.csv {end_to_end:.2f} s")
+    if args.cpsam_tiles:
+        cp = cpsam_seconds(args.cpsam_tiles, len(list(tile_grid(1024, 1024, 256, 0.1))))
+        print(f"cellpose cpsam fp32, network alone on 25 tiles (extrapolated from {args.cpsam_tiles}): {cp:.0f} s "
+              f"= {cp / seg:.0f}× the last image's model.segment")
+
+
+if __name__ == "__main__":
+    main()

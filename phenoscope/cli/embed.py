@@ -1,0 +1,69 @@
+"""``phenoscope embed INPUT... --model M --out DIR``: field-of-view or single-cell embeddings → Parquet + AnnData."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("embed", help="embed images or single cells with a ViT backbone", description=__doc__.splitlines()[0])
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    p.add_argument("--model", required=True, help="backbone.safetensors (phenoscope pretrain) or a dinov2/Cell-DINO checkpoint")
+    p.add_argument("--out", required=True, type=Path, help="output folder (embeddings.parquet, embeddings.h5ad, parts/)")
+    p.add_argument("--masks", type=Path, default=None,
+                   help="folder of label masks (<stem>_masks.tif from phenoscope segment, or <stem>.tif): single-cell mode")
+    p.add_argument("--crop-size", type=int, default=None, help="single-cell crop size in px (default 64 with --masks)")
+    p.add_argument("--mask-background", action="store_true", help="zero pixels outside each crop's own cell")
+    p.add_argument("--center-crop", type=int, default=None, help="field-of-view mode: centre crop size in px")
+    p.add_argument("--n-last-blocks", type=int, default=None, help="class tokens of the last n blocks (default 1)")
+    p.add_argument("--layout", default=None, choices=("auto", "CYX", "YXC"), help="image axes (default: auto)")
+    p.add_argument("--metadata", type=Path, default=None, help="CSV joined on its 'image' or 'Metadata_Image' column (file stems)")
+    p.add_argument("--format", dest="output_format", default=None, choices=("h5ad", "zarr"), help="AnnData format (default h5ad)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workers", dest="num_workers", type=int, default=None, help="image-loading processes")
+    p.add_argument("--config", default=None, help="TOML/JSON file with EmbedConfig options")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=run)
+
+
+def _mask_for(image: Path, masks: Path) -> Path | None:
+    for name in (f"{image.stem}_masks.tif", f"{image.stem}.tif", f"{image.stem}_masks.png", f"{image.stem}.png"):
+        if (masks / name).exists():
+            return masks / name
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from phenoscope.cli.segment import collect_inputs
+    from phenoscope.config import load_config
+    from phenoscope.ssl.embed import EmbedConfig, embed_images
+
+    crop = args.crop_size if args.crop_size is not None else (64 if args.masks else None)
+    cfg = load_config(EmbedConfig, args.config, crop_size=crop, mask_background=args.mask_background or None,
+                      center_crop=args.center_crop, n_last_blocks=args.n_last_blocks, layout=args.layout,
+                      output_format=args.output_format, batch_size=args.batch_size, num_workers=args.num_workers)
+    if cfg.crop_size and args.masks is None:
+        print("error: --crop-size (single-cell mode) needs --masks", file=sys.stderr)
+        return 2
+    files, problems = collect_inputs(args.inputs)
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    masks = [_mask_for(f, args.masks) for f in files] if args.masks else None
+    metadata = None
+    if args.metadata:
+        metadata = pd.read_csv(args.metadata).rename(columns={"image": "Metadata_Image"})
+        metadata["Metadata_Image"] = metadata["Metadata_Image"].map(lambda s: Path(str(s)).stem)
+    try:
+        summary = embed_images(files, args.model, args.out, cfg, masks, metadata, args.device)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for line in summary["failed"]:
+        print(f"error: {line}", file=sys.stderr)
+    print(json.dumps({k: (len(v) if k == "failed" else v) for k, v in summary.items()}))
+    return 1 if summary["failed"] or problems else 0

@@ -1,0 +1,56 @@
+"""The shipped default model: size, strict loading, accuracy on held-out DSB images, offline CLI use."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import tifffile
+from PIL import Image
+
+from phenoscope.cli import main
+from phenoscope.datasets import dsb_image, dsb_labels
+from phenoscope.metrics import average_precision
+from phenoscope.segment import load_model, segment_classic
+from phenoscope.segment.model import DEFAULT_MODEL
+
+VAL_IDS = DEFAULT_MODEL.parent / "dsb2018_val_ids.txt"
+
+
+def _val_ids() -> list[str]:
+    return [s.strip() for s in VAL_IDS.read_text().splitlines() if s.strip() and not s.startswith("#")]
+
+
+def test_default_model_ships_small_with_card_and_split():
+    assert DEFAULT_MODEL.stat().st_size <= 30 * 2**20
+    meta = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
+    assert meta["config"]["depth"] == 6 and meta["config"]["tile"] == 128
+    card = (DEFAULT_MODEL.parent / "default.md").read_text()
+    assert "phenoscope train" in card and "AP@0.5" in card
+    assert len(_val_ids()) == 82
+
+
+def test_default_model_segments_held_out_images(dsb_dir):
+    # a guard against a broken or swapped model, on 12 validation images never trained on
+    # (the headline numbers over all 82 come from benchmarks/eval_default_model.py)
+    train = json.loads((DEFAULT_MODEL.parent / "default_split.json").read_text())["train"]
+    ids = _val_ids()[::7][:12]
+    assert not set(ids) & set(train)
+    model = load_model()
+    truth = [dsb_labels(dsb_dir, i) for i in ids]
+    ours = average_precision(truth, [model.segment(dsb_image(dsb_dir, i)).masks for i in ids], [0.5])[0].mean()
+    classic = average_precision(truth, [segment_classic(dsb_image(dsb_dir, i)) for i in ids], [0.5])[0].mean()
+    assert ours > 0.7 and ours > classic + 0.1, (ours, classic)
+
+
+def test_segment_cli_uses_the_default_model_offline(dsb_dir, tmp_path):
+    image_id = _val_ids()[0]
+    png = tmp_path / "some_image.png"
+    Image.fromarray(dsb_image(dsb_dir, image_id)).save(png)
+    assert main(["segment", str(png), "--out", str(tmp_path / "out"), "--save-outlines"]) == 0
+    masks = tifffile.imread(tmp_path / "out" / "some_image_masks.tif")
+    cells = pd.read_csv(tmp_path / "out" / "some_image_cells.csv")
+    assert masks.shape == dsb_labels(dsb_dir, image_id).shape and len(cells) == masks.max() > 0
+    assert (tmp_path / "out" / "some_image_outlines.png").stat().st_size > 0
+    assert np.array_equal(masks, load_model().segment(dsb_image(dsb_dir, image_id)).masks)

@@ -1,0 +1,120 @@
+"""``phenoscope embed``: field-of-view and single-cell embeddings, outputs, metadata, resume, bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from phenoscope.core.io import imwrite_tiff
+from phenoscope.datasets import synthetic_nuclei
+from phenoscope.ssl import embed as emb
+from phenoscope.ssl.augment import self_normalize
+from phenoscope.ssl.backbone import CellViT, ViTConfig
+from phenoscope.ssl.checkpoint import save_backbone
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    torch.manual_seed(0)
+    vit = CellViT(ViTConfig(arch="vit_tiny", depth=2, in_chans=2, patch_size=8, img_size=32, embed_dim=48, num_heads=3))
+    path = tmp_path / "backbone.safetensors"
+    save_backbone(vit, path)
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    images, masks = [], []
+    for seed in range(4):
+        img, lab = synthetic_nuclei((96, 96), n=6, seed=seed)
+        two = np.stack([img, img[::-1]]).astype(np.uint16)  # (C, H, W)
+        imwrite_tiff(root / f"im{seed}.tif", two)
+        imwrite_tiff(root / f"im{seed}_masks.tif", lab.astype(np.uint16))
+        images.append(root / f"im{seed}.tif")
+        masks.append(root / f"im{seed}_masks.tif")
+    return images, masks
+
+
+def test_single_cell_rows_features_and_anndata(tmp_path, model_path, data):
+    import anndata as ad
+    import tifffile
+
+    images, masks = data
+    cfg = emb.EmbedConfig(crop_size=32, batch_size=5)
+    meta = pd.DataFrame({"Metadata_Image": [p.stem for p in images], "Metadata_Well": ["A01", "A02", "B01", "B02"]})
+    out = emb.embed_images(images, model_path, tmp_path / "out", cfg, masks, meta, progress=False)
+    n_cells = sum(len(np.unique(tifffile.imread(m))) - 1 for m in masks)
+    table = pd.read_parquet(tmp_path / "out" / "embeddings.parquet")
+    assert out["rows"] == n_cells == len(table) and not out["failed"]
+    assert not table.duplicated(["Metadata_Image", "Metadata_Label"]).any()
+    assert table.groupby("Metadata_Image")["Metadata_Well"].first().tolist() == ["A01", "A02", "B01", "B02"]
+    feats = [c for c in table if c.startswith("f")]
+    assert len(feats) == 2 * 48  # CLS ⊕ mean patch
+    # features equal the backbone's embedding of the self-normalised crop
+    vit = emb.load_embedder(model_path).eval()
+    crops, ids, _ = emb.cell_crops(tifffile.imread(images[0]).astype(np.float32), tifffile.imread(masks[0]), 32)
+    with torch.no_grad():
+        direct = vit.embed(self_normalize(torch.from_numpy(crops))).numpy()
+    rows = table[table.Metadata_Image == "im0"]
+    assert rows.Metadata_Label.tolist() == ids.tolist()
+    np.testing.assert_allclose(rows[feats].to_numpy(), direct, atol=1e-5)
+    adata = ad.read_h5ad(tmp_path / "out" / "embeddings.h5ad")
+    assert adata.shape == (n_cells, 96) and "Metadata_Well" in adata.obs
+    np.testing.assert_array_equal(adata.X, table[feats].to_numpy(np.float32))
+
+
+def test_field_of_view_last_blocks_and_bad_file(tmp_path, model_path, data):
+    images, _ = data
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"not a tiff")
+    cfg = emb.EmbedConfig(center_crop=64, n_last_blocks=2, output_format="zarr")
+    out = emb.embed_images([images[0], bad, images[1]], model_path, tmp_path / "out", cfg, progress=False)
+    assert out["rows"] == 2 and len(out["failed"]) == 1 and "bad.tif" in out["failed"][0]
+    table = pd.read_parquet(tmp_path / "out" / "embeddings.parquet")
+    assert table.shape[1] - 4 == 3 * 48  # two class tokens ⊕ mean patch
+    assert (tmp_path / "out" / "embeddings.zarr").is_dir()
+
+
+def test_killed_run_resumes_to_the_same_rows(tmp_path, model_path, data, monkeypatch):
+    images, masks = data
+    cfg = emb.EmbedConfig(crop_size=32, batch_size=4)
+    emb.embed_images(images, model_path, tmp_path / "full", cfg, masks, progress=False)
+    real, calls = emb.embed_crops, []
+
+    def crash_after_two(*a, **k):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt  # the process dies in the middle of the third image
+        return real(*a, **k)
+
+    monkeypatch.setattr(emb, "embed_crops", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        emb.embed_images(images, model_path, tmp_path / "resumed", cfg, masks, progress=False)
+    assert len(list((tmp_path / "resumed" / "parts").glob("*.parquet"))) == 2
+    monkeypatch.setattr(emb, "embed_crops", real)
+    out = emb.embed_images(images, model_path, tmp_path / "resumed", cfg, masks, progress=False)
+    assert out["already_done"] == 2 and out["embedded"] == 2
+    full = pd.read_parquet(tmp_path / "full" / "embeddings.parquet")
+    resumed = pd.read_parquet(tmp_path / "resumed" / "embeddings.parquet")
+    pd.testing.assert_frame_equal(full, resumed)
+    with pytest.raises(ValueError, match="other inputs"):  # a resume must not mix runs
+        emb.embed_images(images[:2], model_path, tmp_path / "resumed", cfg, masks[:2], progress=False)
+
+
+def test_cli_embed(tmp_path, model_path, data):
+    from phenoscope.cli import main
+
+    images, _ = data
+    (tmp_path / "meta.csv").write_text("image,plate\n" + "".join(f"{p.name},P{i % 2}\n" for i, p in enumerate(images)))
+    args = ["embed", str(images[0].parent), "--model", str(model_path), "--out", str(tmp_path / "out"),
+            "--masks", str(images[0].parent), "--crop-size", "32", "--metadata", str(tmp_path / "meta.csv")]
+    assert main(args) == 0
+    table = pd.read_parquet(tmp_path / "out" / "embeddings.parquet")
+    assert set(table.Metadata_plate) == {"P0", "P1"} and set(table.Metadata_Image) == {p.stem for p in images}
+    assert main(args) == 0  # a finished run is all "already done"
+    assert len(pd.read_parquet(tmp_path / "out" / "embeddings.parquet")) == len(table)
+    assert main(["embed", str(images[0]), "--model", str(model_path), "--out", str(tmp_path / "o2"), "--crop-size", "32"]) == 2
