@@ -137,7 +137,8 @@ def embed_crops(model: CellViT, crops: np.ndarray, cfg: EmbedConfig, device: tor
 
 def _run_key(model_path: Path, cfg: EmbedConfig, images: list[Path], masks: list[Path | None]) -> str:
     h = hashlib.sha1()
-    h.update(model_path.read_bytes()[:1 << 20])  # first MiB is enough to tell models apart
+    with open(model_path, "rb") as fh:
+        h.update(fh.read(1 << 20))  # the first MiB is enough to tell models apart; don't read a whole ViT-L
     h.update(json.dumps({k: v for k, v in to_dict(cfg).items() if k not in ("batch_size", "num_workers", "output_format")},
                         sort_keys=True).encode())
     h.update("\n".join(f"{i}|{m}" for i, m in zip(images, masks)).encode())
