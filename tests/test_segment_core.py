@@ -72,6 +72,21 @@ def test_compute_masks_identical_to_cellpose(cellpose, real_labels, flow_thresho
     assert n_objects > 500  # the comparison covered real work
 
 
+def test_compute_masks_torch_fallback_identical(cellpose, real_labels, monkeypatch):
+    """Where the compiled 2D kernel does not reproduce the local torch's rounding, cellpose's own
+    grid_sample loop runs; both paths give cellpose's masks."""
+    from phenoscope.segment import dynamics
+
+    assert dynamics._kernel_matches_torch()  # this machine runs the compiled kernel
+    monkeypatch.setattr(dynamics, "_FAST_2D", False)
+    for k, m in enumerate(real_labels[:4]):
+        dP, cellprob = net_outputs(m, seed=k)
+        ref = cellpose.dynamics.compute_masks(dP, cellprob, flow_threshold=0.4, min_size=15)
+        ours = compute_masks(dP, cellprob, flow_threshold=0.4, min_size=15)
+        assert ref.max() > 0
+        assert average_precision([ref.astype(np.int64)], [ours.astype(np.int64)], [0.9])[0][0, 0] == 1.0
+
+
 def test_average_precision_identical_to_cellpose(cellpose, real_labels):
     true, pred = [], []
     for k, m in enumerate(real_labels[:20]):
@@ -121,6 +136,33 @@ def test_compute_masks_3d_identical_to_cellpose(cellpose, volumes):
         ours = compute_masks(dP, cellprob, min_size=15)
         assert ref.max() > 0 and ours.max() == ref.max()
         assert average_precision([ref.astype(np.int64)], [ours.astype(np.int64)], [0.9])[0][0, 0] == 1.0
+
+
+def holey_labels(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Rings (hollow objects), some enclosing other objects, small specks, touching blobs."""
+    rng = np.random.default_rng(seed)
+    m = np.zeros(shape, np.uint16)
+    grid = np.indices(shape)
+    for lab in range(1, 25):
+        c = rng.uniform(0, shape[0], len(shape))
+        r = np.sqrt(((grid - c.reshape(-1, *[1] * len(shape))) ** 2).sum(0))
+        outer, inner = rng.uniform(3, 14), rng.uniform(0, 6)
+        m[(r < outer) & (r >= inner) & (rng.random() < 0.7 or m == 0)] = lab
+        if rng.random() < 0.3:  # another object inside the hole
+            m[r < inner / 2] = lab + 100
+    return relabel_sequential(m)[0].astype(np.uint16)
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (24, 40, 48)])
+def test_fill_holes_identical_to_cellpose(cellpose, shape):
+    from phenoscope.segment.dynamics import fill_holes_and_remove_small_masks
+
+    for seed in range(6):
+        m = holey_labels(shape, seed)
+        ref = cellpose.utils.fill_holes_and_remove_small_masks(m.copy(), min_size=15)
+        ours = fill_holes_and_remove_small_masks(m.copy(), min_size=15)
+        assert ref.max() > 3
+        np.testing.assert_array_equal(ours, ref)
 
 
 def test_noncontiguous_labels_give_same_flows_as_renumbered(real_labels):
@@ -226,3 +268,12 @@ def test_demo_runs_the_shipped_model(tmp_path, capsys):
     assert (tmp_path / "sample_default_cells.csv").read_text().count("\n") == masks.max() + 1
     ap = float(capsys.readouterr().out.split("default: AP@0.5 = ")[1].split()[0])
     assert ap > 0.8  # the shipped model finds the generated nuclei
+
+
+def test_pairwise_sum_equals_numpy_mean():
+    from phenoscope.segment.dynamics import _pairwise_sum
+
+    rng = np.random.default_rng(0)
+    for n in [*range(1, 300), 1000, 4097, 99_999]:
+        x = rng.normal(0, 1, n) ** 2
+        assert _pairwise_sum(x, n) / n == np.mean(x), n

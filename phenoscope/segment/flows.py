@@ -19,8 +19,9 @@ from scipy import ndimage as ndi
 _FLOAT32_ABOVE = 4e7
 
 
-def check_labels(masks: np.ndarray, name: str = "masks") -> np.ndarray:
-    """Validate an instance label image (2D or 3D, integer-valued, ≥ 0); return it as int64."""
+def check_labels(masks: np.ndarray, name: str = "masks", as_int64: bool = True) -> np.ndarray:
+    """Validate an instance label image (2D or 3D, integer-valued, ≥ 0); return it as int64
+    (integer images keep their dtype if ``as_int64`` is False; float images become int64)."""
     masks = np.asarray(masks)
     if masks.ndim not in (2, 3):
         raise ValueError(f"{name} must be a 2D (Y, X) or 3D (Z, Y, X) label image, got shape {masks.shape}")
@@ -28,12 +29,13 @@ def check_labels(masks: np.ndarray, name: str = "masks") -> np.ndarray:
         raise ValueError(f"{name} is boolean; pass an instance label image (0 = background, 1..N = objects)")
     if not (np.issubdtype(masks.dtype, np.integer) or np.issubdtype(masks.dtype, np.floating)):
         raise ValueError(f"{name} must have an integer dtype, got {masks.dtype}")
-    if np.issubdtype(masks.dtype, np.floating):
-        if not np.isfinite(masks).all() or (masks != np.round(masks)).any():
-            raise ValueError(f"{name} is a float image with non-integer or non-finite values; labels must be integers")
+    if np.issubdtype(masks.dtype, np.floating) and (not np.isfinite(masks).all() or (masks != np.round(masks)).any()):
+        raise ValueError(f"{name} is a float image with non-integer or non-finite values; labels must be integers")
     if masks.size and masks.min() < 0:
         raise ValueError(f"{name} has negative labels (min {masks.min()}); labels must be ≥ 0")
-    return masks.astype(np.int64, copy=False)
+    if as_int64 or not np.issubdtype(masks.dtype, np.integer):
+        return masks.astype(np.int64, copy=False)
+    return masks
 
 
 @numba.njit(cache=True, nogil=True)
@@ -196,16 +198,20 @@ def _flows_from_heat(heat: np.ndarray, inside: np.ndarray) -> np.ndarray:
     return out
 
 
-def flows_float64(masks: np.ndarray, niter: int | None = None) -> np.ndarray:
-    """``masks_to_flows`` in float64 (what the flow-error QC compares against)."""
-    masks = check_labels(masks)
+def solve_heat(masks: np.ndarray, niter: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Diffusion heat of every object, as cellpose computes it.
+
+    Returns (padded labels, padded heat, labels (n,), boxes (n, 2·ndim) of (start, stop) per
+    axis in unpadded coordinates); the padded arrays have a 1-pixel zero border. Heat is float64,
+    float32 above 4e7 padded pixels (as cellpose).
+    """
+    masks = check_labels(masks, as_int64=False)
     labels, slices = _objects(masks)
-    if len(labels) == 0:
-        return np.zeros((masks.ndim, *masks.shape), np.float64)
     padded = np.pad(masks, 1)
-    dtype = np.float32 if padded.size > _FLOAT32_ABOVE else np.float64
-    heat = np.zeros(padded.shape, dtype)
-    boxes = np.array([[v for s in slc for v in (s.start, s.stop)] for slc in slices], np.int64)
+    heat = np.zeros(padded.shape, np.float32 if padded.size > _FLOAT32_ABOVE else np.float64)
+    boxes = np.array([[v for s in slc for v in (s.start, s.stop)] for slc in slices], np.int64).reshape(-1, 2 * masks.ndim)
+    if len(labels) == 0:
+        return padded, heat, labels, boxes
     if masks.ndim == 2:
         ext = (boxes[:, 1] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 2]) + 2
         n_iter = int(2 * ext.max()) if niter is None else int(niter)
@@ -214,6 +220,12 @@ def flows_float64(masks: np.ndarray, niter: int | None = None) -> np.ndarray:
         ext = (boxes[:, 1::2] - boxes[:, 0::2] + 1).sum(axis=1)
         n_iter = int(6 * ext.max()) if niter is None else int(niter)
         _heat_3d(padded, boxes, labels, _centres_3d(masks, labels, slices), n_iter, heat)
+    return padded, heat, labels, boxes
+
+
+def flows_float64(masks: np.ndarray, niter: int | None = None) -> np.ndarray:
+    """``masks_to_flows`` in float64."""
+    padded, heat, _, _ = solve_heat(masks, niter)
     return _flows_from_heat(heat, padded > 0)
 
 
