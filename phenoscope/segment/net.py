@@ -117,8 +117,13 @@ class Attention(nn.Module):
                 self._cache = (key, rel_pos_lookup(self.rel_pos_h, h), rel_pos_lookup(self.rel_pos_w, w))
         return self._cache[1], self._cache[2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, W, C) tokens → (B, H, W, C)."""
+    def forward(self, x: torch.Tensor, bias_out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, H, W, C) tokens → (B, H, W, C).
+
+        ``bias_out`` (≥ B·heads·(HW)² elements, x's dtype), if given, receives the (B, heads, HW, HW)
+        rel-pos bias instead of a fresh allocation (inference: the buffer is reused by every block,
+        so its pages are faulted in once per forward, not once per block).
+        """
         b, h, w, c = x.shape
         qkv = linear(x, self.qkv).reshape(b, h * w, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
@@ -127,7 +132,11 @@ class Attention(nn.Module):
         # contiguous terms make the broadcast sum come out contiguous, so the (N, N) view is free
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", rq, rh).contiguous()
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", rq, rw).contiguous()
-        bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).view(b, self.heads, h * w, h * w)
+        if bias_out is None:
+            bias = rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)
+        else:
+            bias = torch.add(rel_h.unsqueeze(-1), rel_w.unsqueeze(-2), out=bias_out[: b * self.heads * (h * w) ** 2].view(b, self.heads, h, w, h, w))
+        bias = bias.view(b, self.heads, h * w, h * w)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return linear(out.transpose(1, 2).reshape(b, h, w, c), self.proj)
 
@@ -152,8 +161,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, bias_out: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), bias_out)
         return x + self.mlp(self.norm2(x))
 
 
@@ -211,8 +220,12 @@ class Encoder(nn.Module):
                     idx = k.nonzero()[:, 0].to(x.device)
                     x = x.index_copy(0, idx, blk(x.index_select(0, idx)))
             return self.neck(x.permute(0, 3, 1, 2))
+        bias_out = None
+        if x.device.type == "cpu" and not torch.is_grad_enabled():  # one rel-pos bias buffer for all blocks
+            n = x.shape[1] * x.shape[2]
+            bias_out = x.new_empty(x.shape[0] * self.blocks[0].attn.heads * n * n)
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, bias_out)
         return self.neck(x.permute(0, 3, 1, 2))
 
 
