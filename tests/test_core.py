@@ -68,3 +68,16 @@ def test_load_config_toml_and_unknown_keys(tmp_path):
     p.write_text("nme = 1\n")
     with pytest.raises(ValueError, match="unknown option"):
         load_config(_Outer, p)
+
+
+def test_label_file_for_prefers_masks_and_never_the_image_itself(tmp_path):
+    from phenoscope.core.io import label_file_for
+
+    img = tmp_path / "a.png"
+    img.write_bytes(b"x")
+    assert label_file_for(img, tmp_path) is None  # only the image itself is there
+    (tmp_path / "a.tif").write_bytes(b"x")
+    assert label_file_for(img, tmp_path) == tmp_path / "a.tif"
+    (tmp_path / "a_masks.tif").write_bytes(b"x")
+    assert label_file_for(img, tmp_path) == tmp_path / "a_masks.tif"
+    assert label_file_for(tmp_path / "b.png", tmp_path) is None

@@ -158,7 +158,7 @@ def _samples(n=4, tile=64):
         img, lab = _labels(seed)
         image = np.zeros((3, *img.shape), np.float32)
         image[0] = img / img.max()
-        out.append(Sample(f"s{seed}", image, masks_to_flows(lab), lab, aug.diameter(lab)))
+        out.append(Sample(image, masks_to_flows(lab), lab, aug.diameter(lab)))
     return out
 
 

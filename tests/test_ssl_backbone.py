@@ -66,6 +66,27 @@ def test_dinov2_import_parity(in_chans, patch, img, chunks, other_sizes):
     assert max(diffs) <= TOL
 
 
+def test_fast_embed_matches_dinov2_reference_features():
+    """``embed`` (inference path: oneDNN linears, fused GELU and residuals, folded layer scale)
+    gives the reference's CLS ⊕ mean patch features."""
+    ref = _reference(5, 8, 128, 0)
+    model = load_dinov2_backbone(ref.state_dict()).eval()
+    torch.manual_seed(2)
+    x = torch.randn(8, 5, 64, 64)
+    with torch.no_grad():
+        f = ref.forward_features(x)
+        want = torch.cat([f["x_norm_clstoken"], f["x_norm_patchtokens"].mean(1)], -1)
+        got = model.embed(x)
+        model.blocks[0].ls1.gamma.mul_(2.0)  # an in-place weight update must invalidate the folded cache
+        ref.blocks[0].ls1.gamma.mul_(2.0)
+        f2 = ref.forward_features(x)
+        want2 = torch.cat([f2["x_norm_clstoken"], f2["x_norm_patchtokens"].mean(1)], -1)
+        got2 = model.embed(x)
+    assert (want - got).abs().max().item() <= TOL
+    assert (want2 - got2).abs().max().item() <= TOL
+    assert (want2 - want).abs().max().item() > 100 * TOL
+
+
 def test_pos_embed_interpolation_differs_from_plain_resize():
     pos = torch.randn(1, 16 * 16, 8)
     out = interpolate_pos_embed_dinov2(pos, 96, 96, 8)

@@ -29,18 +29,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _mask_for(image: Path, masks: Path) -> Path | None:
-    for name in (f"{image.stem}_masks.tif", f"{image.stem}.tif", f"{image.stem}_masks.png", f"{image.stem}.png"):
-        if (masks / name).exists():
-            return masks / name
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from phenoscope.cli.segment import collect_inputs
     from phenoscope.config import load_config
+    from phenoscope.core.io import label_file_for
     from phenoscope.ssl.embed import EmbedConfig, embed_images
 
     crop = args.crop_size if args.crop_size is not None else (64 if args.masks else None)
@@ -53,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     files, problems = collect_inputs(args.inputs)
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
-    masks = [_mask_for(f, args.masks) for f in files] if args.masks else None
+    masks = [label_file_for(f, args.masks) for f in files] if args.masks else None
     metadata = None
     if args.metadata:
         metadata = pd.read_csv(args.metadata).rename(columns={"image": "Metadata_Image"})

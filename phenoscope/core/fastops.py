@@ -26,3 +26,13 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
     y = F.linear(x, layer.weight, layer.bias)
     return F.gelu(y) if gelu else y
 
+
+
+def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + x @ weight.T + bias`` with the addition fused into oneDNN's GEMM on CPU at
+    inference time (one pass over the output instead of two)."""
+    if _use_mkldnn(x, weight):
+        flat, res = x.reshape(-1, x.shape[-1]), residual.reshape(-1, weight.shape[0])
+        out = torch.ops.mkldnn._linear_pointwise.binary(flat, res, weight, bias, "add")
+        return out.reshape(residual.shape)
+    return residual + F.linear(x, weight, bias)

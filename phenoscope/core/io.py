@@ -11,6 +11,20 @@ from typing import Iterator
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".npy")
+# A label image for ``<stem>.<ext>`` is ``<stem><suffix>.<any image ext>``, first match in this order
+# (``_masks`` first: what ``phenoscope segment`` and cellpose write).
+LABEL_SUFFIXES = ("_masks", "", "_labels", "_label", "_mask")
+
+
+def label_file_for(image: Path, folder: Path) -> Path | None:
+    """The label image of ``image`` in ``folder`` (``<stem>{_masks,,_labels,...}`` + an image
+    extension, in that order of preference; never ``image`` itself), or None."""
+    for suffix in LABEL_SUFFIXES:
+        for ext in IMAGE_SUFFIXES:
+            candidate = Path(folder) / f"{Path(image).stem}{suffix}{ext}"
+            if candidate.is_file() and candidate.resolve() != Path(image).resolve():
+                return candidate
+    return None
 
 
 def imread(path: str | Path) -> np.ndarray:

@@ -140,8 +140,6 @@ class CellposeSAM:
         x = to_yxc(image, channel_axis, self.cfg.in_chans)
         if self.cfg.merge_identical_channels:
             x = merge_identical_channels(x)
-        if not np.isfinite(x).all():
-            raise ValueError("image contains NaN or inf values")
         h, w = x.shape[:2]
         x = np.moveaxis(normalize_percentile(x, channel_axis=-1), -1, 0)  # (C, H, W) float32
         rescale = self.rescale(diameter)

@@ -27,13 +27,17 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from phenoscope.config import to_dict
-from phenoscope.core.io import IMAGE_SUFFIXES, atomic_path, atomic_write, imread
+from phenoscope.core.io import (
+    IMAGE_SUFFIXES,
+    atomic_path,
+    atomic_write,
+    imread,
+    label_file_for,
+)
 from phenoscope.core.normalize import normalize_percentile
 from phenoscope.segment.augment import SegAugmentConfig, augment_sample, diameter
 from phenoscope.segment.net import CellposeSAMNet, NetConfig, build_net
 from phenoscope.train.loop import TrainConfig
-
-LABEL_SUFFIXES = ("", "_masks", "_labels", "_label", "_mask")
 
 
 @dataclass
@@ -72,7 +76,6 @@ class SegTrainConfig:
 class Sample:
     """One training image: normalised (3, H, W) image, (2, H, W) unit flows, labels and diameter."""
 
-    name: str
     image: np.ndarray
     flows: np.ndarray
     labels: np.ndarray
@@ -85,10 +88,9 @@ def find_pairs(images: str | Path, labels: str | Path) -> list[tuple[Path, Path]
     for d in (images, labels):
         if not d.is_dir():
             raise FileNotFoundError(f"not a folder: {d}")
-    by_stem = {p.stem: p for p in sorted(labels.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
     pairs, missing = [], []
     for img in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        lab = next((by_stem[img.stem + s] for s in LABEL_SUFFIXES if img.stem + s in by_stem), None)
+        lab = label_file_for(img, labels)
         (pairs.append((img, lab)) if lab is not None else missing.append(img.name))
     if missing:
         raise ValueError(f"{len(missing)} image(s) have no label file in {labels}: {', '.join(missing[:5])}"
@@ -148,7 +150,7 @@ def load_samples(
             if labels.ndim != 2 or labels.shape != image.shape[1:]:
                 raise ValueError(f"label image {lab_path.name} has shape {labels.shape}, image is {image.shape[1:]}")
             labels = check_labels(labels, f"label image {lab_path.name}").astype(np.int32)
-            samples.append(Sample(img_path.stem, image, cached_flows(labels, cache_dir), labels, diameter(labels)))
+            samples.append(Sample(image, cached_flows(labels, cache_dir), labels, diameter(labels)))
         except (ValueError, OSError) as err:
             errors.append(f"{img_path.name}: {err}")
     if errors:

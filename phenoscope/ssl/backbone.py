@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phenoscope.core.compat import import_torchvision
-from phenoscope.core.fastops import linear
+from phenoscope.core.fastops import linear, linear_add
 
 # timm imports torchvision; make a CUDA-only torchvision wheel importable on CPU torch first
 # (no-op when torchvision loads normally).
@@ -188,15 +188,32 @@ class CellViT(VisionTransformer):
         return self.forward_tokens(x)["cls"]
 
 
+def _scaled_linear(layer: nn.Linear, layer_scale: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight and bias of ``layer_scale(layer(x))`` folded into one linear (γ·W, γ·b); cached on
+    ``layer_scale`` until either tensor changes (in-place updates bump ``_version``)."""
+    gamma = getattr(layer_scale, "gamma", None)
+    if gamma is None:  # no layer scale (nn.Identity)
+        return layer.weight, layer.bias
+    tensors = (layer.weight, gamma) if layer.bias is None else (layer.weight, gamma, layer.bias)
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    cached = layer_scale.__dict__.get("_folded")
+    if cached is None or cached[0] != key:
+        bias = None if layer.bias is None else layer.bias * gamma
+        cached = (key, layer.weight * gamma[:, None], bias)
+        layer_scale.__dict__["_folded"] = cached
+    return cached[1], cached[2]
+
+
 def inference_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm ``Block.forward`` without autograd, with oneDNN linears and the GELU fused into ``fc1``."""
+    """timm ``Block.forward`` without autograd: oneDNN linears, the GELU fused into ``fc1``, layer
+    scales folded into ``proj``/``fc2`` and the residual additions fused into their GEMMs."""
     attn, mlp = blk.attn, blk.mlp
     b, n, c = x.shape
     qkv = linear(blk.norm1(x), attn.qkv).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     y = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v).transpose(1, 2).reshape(b, n, -1)
-    x = x + blk.ls1(linear(attn.norm(y), attn.proj))
-    return x + blk.ls2(linear(mlp.norm(linear(blk.norm2(x), mlp.fc1, gelu=True)), mlp.fc2))
+    x = linear_add(attn.norm(y), *_scaled_linear(attn.proj, blk.ls1), x)
+    return linear_add(mlp.norm(linear(blk.norm2(x), mlp.fc1, gelu=True)), *_scaled_linear(mlp.fc2, blk.ls2), x)
 
 
 class BagOfChannels(nn.Module):
