@@ -208,7 +208,7 @@ def inference_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm ``Block.forward`` without autograd: oneDNN linears, the GELU fused into ``fc1``, layer
     scales folded into ``proj``/``fc2`` and the residual additions fused into their GEMMs."""
     attn, mlp = blk.attn, blk.mlp
-    b, n, c = x.shape
+    b, n, _ = x.shape
     qkv = linear(blk.norm1(x), attn.qkv).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     y = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v).transpose(1, 2).reshape(b, n, -1)
