@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import warnings
 
-import fastremap
 import numba
 import numpy as np
 import torch
@@ -51,14 +50,6 @@ def _check_inputs(dP: np.ndarray, cellprob: np.ndarray) -> tuple[np.ndarray, np.
     if not np.isfinite(cellprob).all():
         raise ValueError("cellprob contains NaN or inf values")
     return dP.astype(np.float32, copy=False), cellprob.astype(np.float32, copy=False)
-
-
-# Lanes: independent pixels interleaved per thread so that their dependent step chains overlap.
-# Lanes advance in blocks of _CHECK steps; after each block a lane looks for an exact cycle of
-# period 1.._CHECK within the block: a pixel whose float32 trajectory has become periodic has a
-# known position at step niter, so it stops and the lane takes the next pixel.
-_LANES = 16
-_CHECK = 16
 
 
 # Lanes: _LANES pixels are followed together, as _LANES // _VEC SIMD vectors per coordinate
@@ -285,8 +276,6 @@ def _follow(dP: np.ndarray, fg: np.ndarray | None, inds: tuple[np.ndarray, ...],
     materialising the masked flows in 2D. In 2D the compiled kernel runs when it reproduces the
     local torch's rounding; otherwise (and in 3D) cellpose's torch loop runs."""
     global _FAST_2D
-    if _FAST_2D is None:
-        _FAST_2D = _kernel_matches_torch()
     shape = dP.shape[1:]
     ndim = len(shape)
     pt = torch.zeros((len(inds[0]), ndim), dtype=torch.float32)
@@ -297,6 +286,8 @@ def _follow(dP: np.ndarray, fg: np.ndarray | None, inds: tuple[np.ndarray, ...],
         pt[:, k] /= size[k]
     pt *= 2
     pt -= 1
+    if ndim == 2 and _FAST_2D is None:
+        _FAST_2D = _kernel_matches_torch()
     if ndim == 2 and _FAST_2D:
         scale = [np.float32(2.0 / size[k]) for k in range(ndim)]
         im = _padded_flow_image(dP, _NO_MASK if fg is None else fg, fg is not None, scale[0], scale[1])
@@ -372,15 +363,21 @@ def _histogram_seeds(pt: np.ndarray, shape3: np.ndarray, rpad: int) -> tuple[np.
 
 
 @numba.njit(cache=True)
-def _relabel(masks: np.ndarray, min_size: int, max_size: float) -> None:
-    """In place: labels with fewer than ``min_size`` or more than ``max_size`` pixels become 0,
-    the others are renumbered 1..N in order of first appearance (row-major), as
-    ``fastremap.mask`` then ``fastremap.renumber``."""
+def _label_counts(masks: np.ndarray) -> np.ndarray:
+    """Pixels per label value 0..max (int64)."""
     flat = masks.reshape(-1)
     counts = np.zeros(int(flat.max()) + 1, np.int64)
     for v in flat:
         counts[v] += 1
-    lut = np.where((counts >= min_size) & (counts <= max_size), -1, 0)
+    return counts
+
+
+@numba.njit(cache=True)
+def _relabel(masks: np.ndarray, keep: np.ndarray) -> None:
+    """In place: labels ``v`` with ``keep[v]`` False become 0, the others are renumbered 1..N in
+    order of first appearance (row-major), as ``fastremap.mask`` then ``fastremap.renumber``."""
+    flat = masks.reshape(-1)
+    lut = np.where(keep, -1, 0)
     lut[0] = 0
     n = 0
     for i in range(flat.size):
@@ -440,7 +437,7 @@ def get_masks(pt: torch.Tensor, inds: tuple[np.ndarray, ...], shape0: tuple[int,
     M1.scatter_reduce_(0, flat_pos, mask_idx + 1, reduce="amax", include_self=False)
     M0 = np.zeros(shape0, np.uint16 if n_seeds < 2**16 else np.uint32)
     _scatter_labels(M0, tuple(inds), M1.numpy(), flat)
-    _relabel(M0, 0, np.prod(shape0) * max_size_fraction)
+    _relabel(M0, _label_counts(M0) <= np.prod(shape0) * max_size_fraction)
     return M0
 
 
@@ -532,10 +529,11 @@ def flow_errors(masks: np.ndarray, dP: np.ndarray) -> np.ndarray:
 
 
 def remove_bad_flow_masks(masks: np.ndarray, dP: np.ndarray, threshold: float = 0.4) -> np.ndarray:
-    """Drop masks whose flow error exceeds ``threshold``; renumber (in place)."""
-    bad = 1 + np.nonzero(flow_errors(masks, dP) > threshold)[0]
-    fastremap.mask(masks, bad, in_place=True)
-    fastremap.renumber(masks, in_place=True)
+    """Drop masks whose flow error exceeds ``threshold``; renumber (in place). Labels must be 1..N."""
+    errors = flow_errors(masks, dP)
+    if len(errors) != masks.max():
+        raise ValueError(f"labels must be 1..N without gaps: {len(errors)} labels present, max {masks.max()}")
+    _relabel(masks, np.concatenate([[True], ~(errors > threshold)]))
     return masks
 
 
@@ -608,10 +606,10 @@ def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> 
     6-connected in 3D; ``min_size`` ≤ 0 skips the removals."""
     masks = np.array(masks, order="C")
     if min_size > 0:
-        _relabel(masks, min_size, np.inf)
+        _relabel(masks, _label_counts(masks) >= min_size)
     _fill_holes(masks if masks.ndim == 3 else masks[None], masks.ndim == 3)
     if min_size > 0:
-        _relabel(masks, min_size, np.inf)
+        _relabel(masks, _label_counts(masks) >= min_size)
     return masks
 
 
