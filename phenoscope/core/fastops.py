@@ -27,7 +27,6 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
     return F.gelu(y) if gelu else y
 
 
-
 def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
     """``residual + x @ weight.T + bias`` with the addition fused into oneDNN's GEMM on CPU at
     inference time (one pass over the output instead of two)."""

@@ -70,6 +70,16 @@ def merge_identical_channels(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def network_input(image: np.ndarray, channel_axis: int | None, in_chans: int, merge_identical: bool) -> np.ndarray:
+    """(C ≤ in_chans, H, W) float32 as the network sees an image: its first ``in_chans`` channels
+    (a gray image stored as identical planes merged to one if ``merge_identical``), each 1–99 %
+    percentile-normalised. Raises ``ValueError`` on bad axes or NaN/inf."""
+    x = to_yxc(image, channel_axis, in_chans)
+    if merge_identical:
+        x = merge_identical_channels(x)
+    return np.moveaxis(normalize_percentile(x, channel_axis=-1), -1, 0)
+
+
 def resize_chw(x: np.ndarray, ly: int, lx: int) -> np.ndarray:
     """Bilinear resize of a (C, H, W) float32 array (half-pixel centres, no antialias: cv2 INTER_LINEAR)."""
     if x.shape[-2:] == (ly, lx):
@@ -137,11 +147,8 @@ class CellposeSAM:
         tta: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Flows (2, H, W) and cellprob logits (H, W) of an image, at its original size."""
-        x = to_yxc(image, channel_axis, self.cfg.in_chans)
-        if self.cfg.merge_identical_channels:
-            x = merge_identical_channels(x)
-        h, w = x.shape[:2]
-        x = np.moveaxis(normalize_percentile(x, channel_axis=-1), -1, 0)  # (C, H, W) float32
+        x = network_input(image, channel_axis, self.cfg.in_chans, self.cfg.merge_identical_channels)
+        h, w = x.shape[1:]
         rescale = self.rescale(diameter)
         if rescale != 1.0:
             ly, lx = int(h * rescale), int(w * rescale)

@@ -34,7 +34,6 @@ from phenoscope.core.io import (
     imread,
     label_file_for,
 )
-from phenoscope.core.normalize import normalize_percentile
 from phenoscope.segment.augment import SegAugmentConfig, augment_sample, diameter
 from phenoscope.segment.net import CellposeSAMNet, NetConfig, build_net
 from phenoscope.train.loop import TrainConfig
@@ -103,15 +102,12 @@ def find_pairs(images: str | Path, labels: str | Path) -> list[tuple[Path, Path]
 def load_training_image(path: Path, in_chans: int = 3, merge_identical: bool = True) -> np.ndarray:
     """(in_chans, H, W) float32, each channel 1–99 % normalised, zero-padded to ``in_chans``.
 
-    With ``merge_identical`` a gray image saved as RGB(A) becomes one channel, as at inference
-    (:func:`phenoscope.segment.model.merge_identical_channels`).
+    Prepared exactly as at inference (:func:`phenoscope.segment.model.network_input`): with
+    ``merge_identical`` a gray image saved as RGB(A) becomes one channel.
     """
-    from phenoscope.segment.model import merge_identical_channels, to_yxc
+    from phenoscope.segment.model import network_input
 
-    x = to_yxc(imread(path), None, in_chans).astype(np.float32)
-    if merge_identical:
-        x = merge_identical_channels(x)
-    x = np.moveaxis(normalize_percentile(x, channel_axis=-1), -1, 0)
+    x = network_input(imread(path), None, in_chans, merge_identical)
     out = np.zeros((in_chans, *x.shape[1:]), np.float32)
     out[: x.shape[0]] = x
     return out
