@@ -67,8 +67,8 @@ def test_dinov2_import_parity(in_chans, patch, img, chunks, other_sizes):
 
 
 def test_fast_embed_matches_dinov2_reference_features():
-    """``embed`` (inference path: oneDNN linears, fused GELU and residuals, folded layer scale)
-    gives the reference's CLS ⊕ mean patch features."""
+    """``embed`` (inference path: oneDNN linears on packed weights, fused GELU and residuals, folded
+    layer scale) gives the reference's CLS ⊕ mean patch features, also after in-place updates."""
     ref = _reference(5, 8, 128, 0)
     model = load_dinov2_backbone(ref.state_dict()).eval()
     torch.manual_seed(2)
@@ -77,8 +77,9 @@ def test_fast_embed_matches_dinov2_reference_features():
         f = ref.forward_features(x)
         want = torch.cat([f["x_norm_clstoken"], f["x_norm_patchtokens"].mean(1)], -1)
         got = model.embed(x)
-        model.blocks[0].ls1.gamma.mul_(2.0)  # an in-place weight update must invalidate the folded cache
-        ref.blocks[0].ls1.gamma.mul_(2.0)
+        for m in (model, ref):  # in-place updates must invalidate the folded and the packed weights
+            m.blocks[0].ls1.gamma.mul_(2.0)
+            m.blocks[1].attn.qkv.weight.mul_(1.5)
         f2 = ref.forward_features(x)
         want2 = torch.cat([f2["x_norm_clstoken"], f2["x_norm_patchtokens"].mean(1)], -1)
         got2 = model.embed(x)

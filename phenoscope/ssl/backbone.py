@@ -205,15 +205,15 @@ def _scaled_linear(layer: nn.Linear, layer_scale: nn.Module) -> tuple[torch.Tens
 
 
 def inference_block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm ``Block.forward`` without autograd: oneDNN linears, the GELU fused into ``fc1``, layer
-    scales folded into ``proj``/``fc2`` and the residual additions fused into their GEMMs."""
+    """timm ``Block.forward`` without autograd: oneDNN linears on packed weights, the GELU fused
+    into ``fc1``, layer scales folded into ``proj``/``fc2`` and the residual additions fused into their GEMMs."""
     attn, mlp = blk.attn, blk.mlp
     b, n, _ = x.shape
-    qkv = linear(blk.norm1(x), attn.qkv).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    qkv = linear(blk.norm1(x), attn.qkv, pack=True).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     y = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v).transpose(1, 2).reshape(b, n, -1)
     x = linear_add(attn.norm(y), *_scaled_linear(attn.proj, blk.ls1), x)
-    return linear_add(mlp.norm(linear(blk.norm2(x), mlp.fc1, gelu=True)), *_scaled_linear(mlp.fc2, blk.ls2), x)
+    return linear_add(mlp.norm(linear(blk.norm2(x), mlp.fc1, gelu=True, pack=True)), *_scaled_linear(mlp.fc2, blk.ls2), x)
 
 
 class BagOfChannels(nn.Module):
