@@ -14,6 +14,7 @@ from phenoscope.ssl.losses import (
     Centering,
     dino_cls_loss,
     ibot_patch_loss,
+    gather_keys,
     info_nce_loss,
     koleo_loss,
     nt_xent_loss,
@@ -114,6 +115,33 @@ def test_info_nce_hand():
     ce0 = math.log(math.exp(0.6 / T) + math.exp(1.0 / T)) - 0.6 / T
     ce1 = math.log(math.exp(1.0 / T) + math.exp(0.0)) - 1.0 / T
     assert info_nce_loss(q, k, T, queue).item() == pytest.approx((ce0 + ce1) / 2, rel=1e-5)
+
+
+def _info_nce_rank(rank: int, world: int, init: str, q: torch.Tensor, k: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    n = q.shape[0] // world
+    k_all, offset = gather_keys(k[rank * n : (rank + 1) * n])
+    loss = info_nce_loss(q[rank * n : (rank + 1) * n], k_all, 0.2, offset=offset).reshape(1)
+    dist.all_reduce(loss)
+    if rank == 0:
+        torch.save(loss / world, out)
+    dist.destroy_process_group()
+
+
+def test_info_nce_with_gathered_keys_equals_full_batch(tmp_path):
+    """MoCo v3 under DDP (2 CPU processes, gloo): each rank's queries against every rank's keys
+    give, averaged over ranks, the single-process loss on the whole global batch."""
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    out = tmp_path / "loss.pt"
+    mp.spawn(_info_nce_rank, args=(2, f"file://{tmp_path / 'init'}", q, k, str(out)), nprocs=2)
+    got = torch.load(out, weights_only=True).item()
+    assert got == pytest.approx(info_nce_loss(q, k, 0.2).item(), rel=1e-5)
+    assert got != pytest.approx(0.5 * (info_nce_loss(q[:4], k[:4], 0.2) + info_nce_loss(q[4:], k[4:], 0.2)).item(), rel=1e-3)
 
 
 def test_mae_loss_and_patchify():

@@ -15,7 +15,7 @@ from torch import nn
 
 from phenoscope.ssl.backbone import Block, CellViT
 from phenoscope.ssl.heads import mlp
-from phenoscope.ssl.losses import info_nce_loss, nt_xent_loss
+from phenoscope.ssl.losses import gather_keys, info_nce_loss, nt_xent_loss
 from phenoscope.train.loop import Progress
 from phenoscope.train.optim import param_groups
 from phenoscope.train.schedules import cosine_schedule, ema_update
@@ -103,10 +103,14 @@ class MoCo(_Objective):
         g = batch["global"]
         q1, q2 = self.predictor(self.projector(self.backbone(g))).chunk(2)
         k1, k2 = self._keys(g).chunk(2)
-        queue = self.queue.clone() if self.cfg.queue_size else None
-        loss = info_nce_loss(q1, k2, self.cfg.temperature, queue) + info_nce_loss(q2, k1, self.cfg.temperature, queue)
-        if self.cfg.queue_size:
-            self._enqueue(F.normalize(torch.cat([k1, k2]).float(), dim=-1))
+        t = self.cfg.temperature
+        if self.cfg.queue_size:  # MoCo v2: negatives from the queue, which takes every rank's keys
+            queue = self.queue.clone()
+            loss = info_nce_loss(q1, k2, t, queue) + info_nce_loss(q2, k1, t, queue)
+            self._enqueue(F.normalize(gather_keys(torch.cat([k1, k2]))[0].float(), dim=-1))
+        else:  # MoCo v3: negatives are the keys of the whole global batch (all DDP ranks)
+            (k1_all, offset), (k2_all, _) = gather_keys(k1), gather_keys(k2)
+            loss = info_nce_loss(q1, k2_all, t, offset=offset) + info_nce_loss(q2, k1_all, t, offset=offset)
         return {"loss": loss}
 
     @torch.no_grad()

@@ -140,16 +140,30 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -
     return F.cross_entropy(sim, target)
 
 
-def info_nce_loss(q: torch.Tensor, k: torch.Tensor, temperature: float, queue: torch.Tensor | None = None) -> torch.Tensor:
-    """MoCo InfoNCE: query i's positive is key i; negatives are the other keys (v3) or the queue (v2).
+def gather_keys(k: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Keys (B, D) of every DDP rank concatenated in rank order (no gradient) and the row offset
+    of this rank's keys in it; ``(k, 0)`` without ``torch.distributed``."""
+    if not _dist() or dist.get_world_size() == 1:
+        return k, 0
+    parts = [torch.empty_like(k) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, k.detach().contiguous())
+    return torch.cat(parts), dist.get_rank() * k.shape[0]
 
-    ``q``, ``k``: (B, D); ``queue``: (Q, D) normalised negatives or None. Returns ``2T · CE``
+
+def info_nce_loss(
+    q: torch.Tensor, k: torch.Tensor, temperature: float, queue: torch.Tensor | None = None, offset: int = 0
+) -> torch.Tensor:
+    """MoCo InfoNCE: query i's positive is key ``i + offset``; negatives are the other keys (v3) or
+    the queue (v2).
+
+    ``q``: (B, D); ``k``: (B', D), B' ≥ B + offset (all ranks' keys, see ``gather_keys``) without a
+    queue, (B, D) with one; ``queue``: (Q, D) normalised negatives or None. Returns ``2T · CE``
     for in-batch negatives (MoCo v3 scaling) and plain ``CE`` with a queue.
     """
     q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
     if queue is None:
         logits = q @ k.t() / temperature
-        return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device)) * 2 * temperature
+        return F.cross_entropy(logits, torch.arange(offset, offset + q.shape[0], device=q.device)) * 2 * temperature
     pos = (q * k).sum(-1, keepdim=True)
     logits = torch.cat([pos, q @ queue.t()], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))

@@ -303,8 +303,6 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         logs = (LossLog(out_dir / LOG_CSV, out_dir / LOG_PNG, "step", step if resume else None),
                 LossLog(out_dir / EPOCH_CSV, out_dir / EPOCH_PNG, "epoch", start_epoch if resume else None))
-    params = [p for g in groups for p in g["params"]]
-    last_layer = [p for g in groups if g["is_last_layer"] for p in g["params"]]
     t0, run_steps, last, stopped = time.monotonic(), 0, {}, False
     done = (start_epoch, step, skip)  # (epoch, step, batches of that epoch) completed so far
     old_handler = signal.signal(signal.SIGTERM, _raise_interrupted) if _main_thread() else None
@@ -315,26 +313,9 @@ def train(
             loader.sampler.set_epoch(epoch, skip * cfg.batch_size)
             losses: list[float] = []
             for batch_idx, batch in enumerate(_progress_bar(loader, epoch, cfg, rank), start=skip):
-                progress = Progress(step, epoch, steps_per_epoch, total)
-                lr, wd = _apply_schedules(opt, cfg, progress)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-                    out = model(to_device(batch, device), progress)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if epoch < cfg.freeze_last_layer_epochs:
-                    for p in last_layer:
-                        p.grad = None
-                if cfg.clip_grad > 0:
-                    nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                opt.step()
-                if hasattr(objective, "on_step_end"):
-                    objective.on_step_end(progress)
+                last = _optimizer_step(model, objective, opt, batch, Progress(step, epoch, steps_per_epoch, total), cfg, device)
                 step, run_steps = step + 1, run_steps + 1
                 done = (epoch, step, batch_idx + 1)
-                last = {"step": step - 1, "epoch": epoch, "lr": lr, "wd": wd, **{k: float(torch.as_tensor(v).detach()) for k, v in out.items()}}
                 losses.append(last["loss"])
                 if logs is not None:
                     logs[0].append(last)
@@ -363,6 +344,32 @@ def train(
     if world > 1:
         dist.barrier()
     return {"steps": run_steps, "step": step, "finished": not stopped, "last": last, "minutes": (time.monotonic() - t0) / 60}
+
+
+def _optimizer_step(
+    model: nn.Module, objective: nn.Module, opt: torch.optim.Optimizer, batch: Any, progress: Progress, cfg: TrainConfig, device: torch.device
+) -> dict[str, float]:
+    """Schedules → forward (bf16 autocast on GPU) → backward → last-layer freeze → clipping →
+    AdamW step → ``objective.on_step_end``; returns the step's log row."""
+    lr, wd = _apply_schedules(opt, cfg, progress)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+        out = model(to_device(batch, device), progress)
+    loss = out["loss"]
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()} at step {progress.step}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if progress.epoch < cfg.freeze_last_layer_epochs:
+        for g in opt.param_groups:
+            if g["is_last_layer"]:
+                for p in g["params"]:
+                    p.grad = None
+    if cfg.clip_grad > 0:
+        nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad)
+    opt.step()
+    if hasattr(objective, "on_step_end"):
+        objective.on_step_end(progress)
+    return {"step": progress.step, "epoch": progress.epoch, "lr": lr, "wd": wd, **{k: float(torch.as_tensor(v).detach()) for k, v in out.items()}}
 
 
 def _main_thread() -> bool:
