@@ -88,6 +88,31 @@ def test_fast_embed_matches_dinov2_reference_features():
     assert (want2 - want).abs().max().item() > 100 * TOL
 
 
+def test_embed_of_a_model_built_in_inference_mode():
+    """Parameters made under ``torch.inference_mode`` have no version counter: ``embed`` must not
+    cache anything derived from them, and must see an in-place update made in inference mode."""
+    cfg = ViTConfig(arch="vit_tiny", in_chans=3, patch_size=8, img_size=32, depth=2, init_values=1.0)
+    torch.manual_seed(0)
+    normal = CellViT(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        frozen = CellViT(cfg).eval()
+        frozen.load_state_dict(normal.state_dict())
+        assert frozen.blocks[0].attn.qkv.weight.is_inference()
+        first = frozen.embed(x)
+        frozen.blocks[0].attn.qkv.weight.mul_(1.5)
+        frozen.blocks[0].ls1.gamma.mul_(2.0)
+        second = frozen.embed(x)
+    with torch.no_grad():
+        want = normal.embed(x)
+        normal.blocks[0].attn.qkv.weight.mul_(1.5)
+        normal.blocks[0].ls1.gamma.mul_(2.0)
+        want2 = normal.embed(x)
+    assert (first - want).abs().max().item() <= TOL
+    assert (second - want2).abs().max().item() <= TOL
+    assert (want2 - want).abs().max().item() > 100 * TOL
+
+
 def test_pos_embed_interpolation_differs_from_plain_resize():
     pos = torch.randn(1, 16 * 16, 8)
     out = interpolate_pos_embed_dinov2(pos, 96, 96, 8)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-# weight tensor -> ((data_ptr, _version), oneDNN-blocked copy); entries die with their weight
+# weight tensor -> (version_key, oneDNN-blocked copy); entries die with their weight
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -21,11 +21,22 @@ def _use_mkldnn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def version_key(*tensors: torch.Tensor) -> tuple | None:
+    """What identifies the current contents of ``tensors`` (storage and in-place version), for
+    caches of values derived from them; None for inference tensors, which have no version counter,
+    so nothing derived from them may be cached."""
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
 def _packed(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """``weight`` (out, in) reordered once into oneDNN's blocked layout, for ``rows``-row inputs
     (any row count still works); recomputed when the tensor is updated in place or re-pointed.
-    Inference tensors have no version counter: they are taken as constant (our folded weights are)."""
-    key = (weight.data_ptr(), -1 if weight.is_inference() else weight._version)
+    An inference tensor cannot be tracked and is used as it is."""
+    key = version_key(weight)
+    if key is None:
+        return weight
     cached = _PACKED.get(weight)
     if cached is None or cached[0] != key:
         cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), max(rows, 1)))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phenoscope.core.compat import import_torchvision
-from phenoscope.core.fastops import linear, linear_add
+from phenoscope.core.fastops import linear, linear_add, version_key
 
 # timm imports torchvision; make a CUDA-only torchvision wheel importable on CPU torch first
 # (no-op when torchvision loads normally).
@@ -190,17 +190,20 @@ class CellViT(VisionTransformer):
 
 def _scaled_linear(layer: nn.Linear, layer_scale: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight and bias of ``layer_scale(layer(x))`` folded into one linear (γ·W, γ·b); cached on
-    ``layer_scale`` until either tensor changes (in-place updates bump ``_version``)."""
+    ``layer_scale`` until any of the tensors changes (``fastops.version_key``). The folded tensors
+    are made outside inference mode, so that they have version counters and can be packed."""
     gamma = getattr(layer_scale, "gamma", None)
     if gamma is None:  # no layer scale (nn.Identity)
         return layer.weight, layer.bias
     tensors = (layer.weight, gamma) if layer.bias is None else (layer.weight, gamma, layer.bias)
-    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    key = version_key(*tensors)
     cached = layer_scale.__dict__.get("_folded")
-    if cached is None or cached[0] != key:
-        bias = None if layer.bias is None else layer.bias * gamma
-        cached = (key, layer.weight * gamma[:, None], bias)
-        layer_scale.__dict__["_folded"] = cached
+    if key is None or cached is None or cached[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            bias = None if layer.bias is None else layer.bias * gamma
+            cached = (key, layer.weight * gamma[:, None], bias)
+        if key is not None:
+            layer_scale.__dict__["_folded"] = cached
     return cached[1], cached[2]
 
 
