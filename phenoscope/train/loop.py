@@ -150,6 +150,7 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, world: int, collate_fn: Call
         collate_fn=collate_fn,
         drop_last=True,
         worker_init_fn=_seed_worker,
+        pin_memory=torch.cuda.is_available(),  # page-locked batches: async host-to-GPU copies
         # workers must see the dataset's epoch (set_epoch), so they restart every epoch then
         persistent_workers=cfg.num_workers > 0 and not hasattr(dataset, "set_epoch"),
     )
