@@ -56,6 +56,19 @@ def test_warped_flows_match_flows_of_warped_labels(seed):
     assert inside.sum() > 500 and np.median(cos) > 0.95
 
 
+def test_warp_of_a_stack_with_an_empty_plane_equals_scipy_per_plane():
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(3)
+    stack = np.stack([rng.random((50, 60), dtype=np.float32), np.zeros((50, 60), np.float32)])
+    a, offset, _ = aug.random_affine(stack.shape[1:], 32, 0.7, rng)
+    out = aug.warp(stack, a, offset, 32, order=1)
+    ref = np.stack([ndi.affine_transform(x, a, offset, output_shape=(32, 32), order=1, mode="constant", prefilter=False)
+                    for x in stack])
+    assert out.dtype == np.float32 and out.shape == (2, 32, 32)
+    assert np.array_equal(out, ref) and out[0].any() and not out[1].any()
+
+
 def test_random_affine_is_orthogonal_times_scale():
     a, _, m = aug.random_affine((100, 100), 64, 2.0, np.random.default_rng(0))
     np.testing.assert_allclose(m @ m.T, np.eye(2), atol=1e-12)

@@ -74,8 +74,13 @@ def random_affine(
 
 
 def warp(array: np.ndarray, a: np.ndarray, offset: np.ndarray, tile: int, order: int) -> np.ndarray:
-    """Resample (…, H, W) ``array`` at ``A @ out + offset`` onto a (…, tile, tile) grid (zeros outside)."""
+    """Resample (…, H, W) ``array`` at ``A @ out + offset`` onto a (…, tile, tile) grid (zeros outside).
+
+    All-zero planes (the empty channels of gray images) are not resampled: they stay zero.
+    """
     if array.ndim == 2:
+        if not array.any():
+            return np.zeros((tile, tile), array.dtype)
         return ndi.affine_transform(array, a, offset, output_shape=(tile, tile), order=order, mode="constant", prefilter=False)
     return np.stack([warp(x, a, offset, tile, order) for x in array])
 
