@@ -7,6 +7,7 @@ With ``--cpsam-tiles N`` it also times cellpose 4.2.1.1's CPSAM (random weights,
 tiles and extrapolates to the 25 tiles cellpose needs for this image, for the ratio.
 
     python benchmarks/bench_default_speed.py --threads 2 --repeats 3 --cpsam-tiles 2
+    python benchmarks/bench_default_speed.py --threads 2 --diameter auto   # two passes, resized
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpsam-tiles", type=int, default=0, help="also time N cpsam tiles (0: skip)")
+    parser.add_argument("--diameter", default=None, help="'auto' or px (default: native size)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -79,16 +81,19 @@ def main() -> None:
     model = load_model(args.model)
     n_tiles = len(list(tile_grid(1024, 1024, model.cfg.tile, 0.1)))
     print(f"{n_tiles} tiles of {model.cfg.tile}² per image; {args.threads} threads, best of {args.repeats}")
+    diameter = args.diameter if args.diameter in (None, "auto") else float(args.diameter)
     for image, what in sample_images():
-        res = model.segment(image)  # warm-up (numba compilation, oneDNN kernels)
-        seg = best_of(lambda: model.segment(image), args.repeats)
+        res = model.segment(image, diameter=diameter)  # warm-up (numba compilation, oneDNN kernels)
+        seg = best_of(lambda: model.segment(image, diameter=diameter), args.repeats)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "image.tif"
             imwrite_tiff(path, image)
-            cli = build_parser().parse_args(["segment", str(path), "--out", tmp, "--model", args.model])
+            extra = ["--diameter", str(args.diameter)] if args.diameter else []
+            cli = build_parser().parse_args(["segment", str(path), "--out", tmp, "--model", args.model, *extra])
             segmenter = _segmenter(cli)
             end_to_end = best_of(lambda: process_one(path, segmenter, cli), args.repeats)
-        print(f"{what} → {res.masks.max()} cells: model.segment {seg:.2f} s; "
+        size = f" (estimated diameter {res.diameter:.1f} px)" if diameter == "auto" and res.diameter else ""
+        print(f"{what} → {res.masks.max()} cells{size}: model.segment {seg:.2f} s; "
               f"read + segment + write masks and cells.csv {end_to_end:.2f} s")
     if args.cpsam_tiles:
         cp = cpsam_seconds(args.cpsam_tiles, len(list(tile_grid(1024, 1024, 256, 0.1))))

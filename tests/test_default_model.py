@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 import tifffile
 from PIL import Image
 
@@ -58,3 +59,27 @@ def test_segment_cli_uses_the_default_model_offline(dsb_dir, tmp_path):
     assert masks.shape == dsb_labels(dsb_dir, image_id).shape and len(cells) == masks.max() > 0
     assert (tmp_path / "out" / "some_image_outlines.png").stat().st_size > 0
     assert np.array_equal(masks, load_model().segment(dsb_image(dsb_dir, image_id)).masks)
+
+
+def test_auto_diameter_measures_cells_then_resizes(dsb_dir, tmp_path):
+    from phenoscope.segment.augment import diameter
+
+    model = load_model()
+    image_id = min(_val_ids(), key=lambda i: diameter(dsb_labels(dsb_dir, i)) or np.inf)  # the smallest nuclei
+    image, truth = dsb_image(dsb_dir, image_id), dsb_labels(dsb_dir, image_id)
+    native = model.segment(image)
+    auto = model.segment(image, diameter="auto")
+    assert native.diameter is None
+    assert auto.diameter == pytest.approx(max(diameter(native.masks), 30 / 4))
+    assert abs(auto.diameter / diameter(truth) - 1) < 0.3, (auto.diameter, diameter(truth))
+    assert np.array_equal(auto.masks, model.segment(image, diameter=auto.diameter).masks)
+    with pytest.raises(ValueError, match="'auto'"):
+        model.segment(image, diameter="big")
+    png = tmp_path / "small.png"
+    Image.fromarray(image).save(png)
+    assert main(["segment", str(png), "--out", str(tmp_path / "out"), "--diameter", "auto", "--save-seg"]) == 0
+    seg = np.load(tmp_path / "out" / "small_seg.npy", allow_pickle=True).item()
+    assert seg["diameter"] == pytest.approx(auto.diameter)
+    assert np.array_equal(tifffile.imread(tmp_path / "out" / "small_masks.tif"), auto.masks)
+    with pytest.raises(SystemExit):
+        main(["segment", str(png), "--out", str(tmp_path / "out"), "--diameter", "-3"])

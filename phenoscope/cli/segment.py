@@ -28,7 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="default",
                    help="'default' (the shipped model), a weights file (.safetensors of ours, or a cellpose cpsam "
                         "file), or 'classic' (Otsu + watershed)")
-    p.add_argument("--diameter", type=float, default=None, help="typical cell diameter in px (resizes to 30 px)")
+    p.add_argument("--diameter", type=_diameter, default=None,
+                   help="typical cell diameter in px (resizes to 30 px), or 'auto': estimated from a first pass")
     p.add_argument("--flow-threshold", type=float, default=0.4)
     p.add_argument("--cellprob-threshold", type=float, default=0.0)
     p.add_argument("--min-size", type=int, default=15, help="smallest mask kept, in px")
@@ -72,12 +73,25 @@ def _outputs(out: Path, stem: str, args: argparse.Namespace) -> list[Path]:
     return [out / f"{stem}{suffix}" for suffix in wanted]
 
 
-def _segmenter(args: argparse.Namespace) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]:
-    """image → (masks, flows or None, cellprob or None)."""
+def _diameter(text: str) -> float | str:
+    """``--diameter``: a positive number of px, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a diameter in px or 'auto', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"diameter must be > 0 px, got {text}")
+    return value
+
+
+def _segmenter(args: argparse.Namespace) -> Callable[[np.ndarray], tuple]:
+    """image → (masks, flows or None, cellprob or None, diameter used in px or None)."""
     if args.model == "classic":
         from phenoscope.segment.classic import segment_classic
 
-        return lambda image: (segment_classic(image, channel_axis=args.channel_axis, min_size=args.min_size), None, None)
+        return lambda image: (segment_classic(image, channel_axis=args.channel_axis, min_size=args.min_size), None, None, None)
     from phenoscope.segment.model import load_model
 
     model = load_model(args.model, device=args.device)
@@ -88,7 +102,7 @@ def _segmenter(args: argparse.Namespace) -> Callable[[np.ndarray], tuple[np.ndar
             cellprob_threshold=args.cellprob_threshold, min_size=args.min_size, tile_overlap=args.tile_overlap,
             batch_size=args.batch_size, tta=args.tta,
         )
-        return res.masks, res.flows, res.cellprob
+        return res.masks, res.flows, res.cellprob, res.diameter
 
     return run_model
 
@@ -100,12 +114,12 @@ def process_one(path: Path, segment: Callable, args: argparse.Namespace) -> int:
 
     image = imread(path)
     yxc = to_yxc(image, args.channel_axis, max_channels=image.size)  # validates axes; keeps all channels
-    masks, flows, cellprob = segment(image)  # raises on NaN/inf (normalisation)
+    masks, flows, cellprob, diameter = segment(image)  # raises on NaN/inf (normalisation)
     stem, out = path.stem, args.out
     outputs.write_masks(out / f"{stem}_masks.tif", masks)
     outputs.write_cell_table(out / f"{stem}_cells.csv", masks, yxc)
     if args.save_seg:
-        outputs.write_seg_npy(out / f"{stem}_seg.npy", path, masks, flows, cellprob, args.diameter)
+        outputs.write_seg_npy(out / f"{stem}_seg.npy", path, masks, flows, cellprob, diameter)
     if args.save_outlines:
         outputs.write_overlay_png(out / f"{stem}_outlines.png", yxc, masks)
     if args.save_rois:

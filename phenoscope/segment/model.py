@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from phenoscope.core.normalize import normalize_percentile
 from phenoscope.core.tiling import TileGrid, blend_tile, flip_tile, read_tile, taper_mask, tile_grid, unflip_output
+from phenoscope.segment.augment import diameter as median_diameter
 from phenoscope.segment.net import CellposeSAMNet
 
 MIN_SIDE = 16  # px; smaller images cannot hold a cell of min_size at the network's scale
@@ -32,6 +33,7 @@ class SegmentResult:
     masks: np.ndarray  # (H, W) int32 labels, 0 = background
     flows: np.ndarray  # (2, H, W) float32 (dY, dX) at the network's scale (≈ 5 × unit flows)
     cellprob: np.ndarray  # (H, W) float32 cell-probability logits
+    diameter: float | None = None  # px: the cell diameter the image was resized for (given or estimated)
 
 
 def to_yxc(image: np.ndarray, channel_axis: int | None = None, max_channels: int = 3) -> np.ndarray:
@@ -170,7 +172,7 @@ class CellposeSAM:
         self,
         image: np.ndarray,
         channel_axis: int | None = None,
-        diameter: float | None = None,
+        diameter: float | str | None = None,
         flow_threshold: float = 0.4,
         cellprob_threshold: float = 0.0,
         min_size: int = 15,
@@ -178,16 +180,32 @@ class CellposeSAM:
         batch_size: int = 8,
         tta: bool = False,
     ) -> SegmentResult:
-        """Segment one 2D image (YX, YXC or CYX; see :func:`to_yxc`) into a label image."""
+        """Segment one 2D image (YX, YXC or CYX; see :func:`to_yxc`) into a label image.
+
+        ``diameter``: None segments at native size; a number (px) resizes cells of that size to the
+        network's 30 px; ``"auto"`` segments at native size, estimates the diameter from those masks
+        (cellpose's 2·sqrt(median area / π)), then segments again resized by it (at most 4× either way).
+        """
         from phenoscope.segment.dynamics import compute_masks
 
+        if isinstance(diameter, str):
+            if diameter != "auto":
+                raise ValueError(f"diameter must be a number of px, None or 'auto', got {diameter!r}")
+            options = {"flow_threshold": flow_threshold, "cellprob_threshold": cellprob_threshold, "min_size": min_size,
+                       "tile_overlap": tile_overlap, "batch_size": batch_size, "tta": tta}
+            first = self.segment(image, channel_axis, None, **options)
+            estimate = median_diameter(first.masks)
+            if estimate <= 0:  # no cells: nothing to measure
+                return first
+            d = float(np.clip(estimate, self.cfg.diam_mean / 4, self.cfg.diam_mean * 4))
+            return self.segment(image, channel_axis, d, **options)
         flows, cellprob = self.predict(image, channel_axis, diameter, tile_overlap, batch_size, tta)
         niter = int(200 / self.rescale(diameter))  # cellpose scales the Euler steps with the resize
         masks = compute_masks(
             flows, cellprob, niter=niter, cellprob_threshold=cellprob_threshold,
             flow_threshold=flow_threshold, min_size=min_size,
         )
-        return SegmentResult(masks=masks, flows=flows, cellprob=cellprob)
+        return SegmentResult(masks=masks, flows=flows, cellprob=cellprob, diameter=diameter)
 
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default.safetensors"
