@@ -26,6 +26,7 @@ import torch
 from scipy import ndimage as ndi
 from skimage.transform import rescale
 
+from phenoscope.cli.segment import parse_diameter
 from phenoscope.datasets import dsb_image, dsb_index, dsb_labels
 from phenoscope.metrics import average_precision, error_rate
 from phenoscope.segment import load_model, segment_classic
@@ -76,7 +77,8 @@ def main() -> None:
     parser.add_argument("--split", default=str(ROOT / "phenoscope" / "models" / "dsb2018_val_ids.txt"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--robustness", action="store_true", help="also evaluate the perturbations")
-    parser.add_argument("--diameter", default=None, help="passed to model.segment: px, or 'auto' (default: native size)")
+    parser.add_argument("--diameter", type=parse_diameter, default=None,
+                        help="passed to model.segment: px, or 'auto' (default: native size)")
     parser.add_argument("--max-images", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
@@ -88,8 +90,7 @@ def main() -> None:
     model = load_model(args.model)
     results: dict = {"model": args.model, "diameter": args.diameter, "n_images": len(ids), "split": args.split}
     kinds = PERTURBATIONS if args.robustness else ("original",)
-    diameter = args.diameter if args.diameter in (None, "auto") else float(args.diameter)
-    methods = [("model", lambda im: model.segment(im, diameter=diameter).masks)] + [("classic", lambda im: segment_classic(im))]
+    methods = [("model", lambda im: model.segment(im, diameter=args.diameter).masks)] + [("classic", lambda im: segment_classic(im))]
     for kind in kinds:
         for name, seg in methods if kind == "original" else methods[:1]:
             rng = np.random.default_rng(0)

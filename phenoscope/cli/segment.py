@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="default",
                    help="'default' (the shipped model), a weights file (.safetensors of ours, or a cellpose cpsam "
                         "file), or 'classic' (Otsu + watershed)")
-    p.add_argument("--diameter", type=_diameter, default=None,
+    p.add_argument("--diameter", type=parse_diameter, default=None,
                    help="typical cell diameter in px (resizes to 30 px), or 'auto': estimated from a first pass")
     p.add_argument("--flow-threshold", type=float, default=0.4)
     p.add_argument("--cellprob-threshold", type=float, default=0.0)
@@ -73,8 +73,8 @@ def _outputs(out: Path, stem: str, args: argparse.Namespace) -> list[Path]:
     return [out / f"{stem}{suffix}" for suffix in wanted]
 
 
-def _diameter(text: str) -> float | str:
-    """``--diameter``: a positive number of px, or 'auto'."""
+def parse_diameter(text: str) -> float | str:
+    """``--diameter`` (also of the benchmarks): a positive number of px, or 'auto'."""
     if text == "auto":
         return text
     try:
