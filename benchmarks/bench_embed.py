@@ -4,9 +4,10 @@ Both sides get the same self-normalised crops in the same batches and produce CL
 features; the reference is Meta's ``dinov2`` package (``forward_features`` under ``torch.no_grad``,
 as its evaluation scripts run it). Crops come from real DSB 2018 nuclei (RGB + two derived channels)
 when ``../shared/data`` is present, else from generated nuclei. Prints crops/s, the ratio and the
-largest feature difference.
+largest feature difference, for each crop size: 128 px is the size of the Cell-DINO paper's
+single-cell Cell Painting images (the 5-channel ViT-S/8 case), 64 px a small nucleus crop.
 
-    python benchmarks/bench_embed.py --threads 2 --crop 64 --n-crops 512
+    python benchmarks/bench_embed.py --threads 2 --crop 128 64 --n-crops 256
 """
 
 from __future__ import annotations
@@ -72,26 +73,30 @@ def reference_features(ref, crops: np.ndarray, batch: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--crop", type=int, default=64, help="crop size in px")
-    parser.add_argument("--n-crops", type=int, default=512)
+    parser.add_argument("--crop", type=int, nargs="+", default=[128, 64], help="crop sizes in px, measured one after another")
+    parser.add_argument("--n-crops", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    crops = crops_5ch(args.n_crops, args.crop)
     ref = reference()
     ours = load_dinov2_backbone({k: v.clone() for k, v in ref.state_dict().items()}).eval()
-    cfg = EmbedConfig(crop_size=args.crop, batch_size=args.batch_size)
-    dev = torch.device("cpu")
-    runs = {"dinov2 reference": lambda: reference_features(ref, crops, args.batch_size),
-            "phenoscope": lambda: embed_crops(ours, crops, cfg, dev)}
+    for size in args.crop:
+        compare(ref, ours, crops_5ch(args.n_crops, size), args.batch_size, args.repeats, args.threads)
+
+
+def compare(ref, ours, crops: np.ndarray, batch: int, repeats: int, threads: int) -> None:
+    """Time both forwards on the same crops (interleaved, best of ``repeats``); print crops/s and the ratio."""
+    cfg = EmbedConfig(crop_size=crops.shape[-1], batch_size=batch)
+    runs = {"dinov2 reference": lambda: reference_features(ref, crops, batch),
+            "phenoscope": lambda: embed_crops(ours, crops, cfg, torch.device("cpu"))}
     feats, best = {}, {}
-    for _ in range(args.repeats):  # interleaved, so both see the same machine load
+    for _ in range(repeats):  # interleaved, so both see the same machine load
         for name, fn in runs.items():
             t0 = time.perf_counter()
             feats[name] = fn()
             best[name] = min(best.get(name, np.inf), time.perf_counter() - t0)
-    print(f"{len(crops)} crops of 5×{args.crop}², ViT-S/8, batch {args.batch_size}, {args.threads} threads, best of {args.repeats}")
+    print(f"{len(crops)} crops of 5×{crops.shape[-1]}², ViT-S/8, batch {batch}, {threads} threads, best of {repeats}")
     for name, t in best.items():
         print(f"  {name:<18} {len(crops) / t:8.1f} crops/s")
     diff = np.abs(feats["phenoscope"] - feats["dinov2 reference"]).max()
