@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedKFold
@@ -62,11 +63,14 @@ def handcrafted_features(images: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def vit_features(model: CellViT, images: np.ndarray, aug: AugmentConfig, batch: int = 256) -> dict[str, np.ndarray]:
-    """Class token and class token ⊕ mean patch token for every image (normalised as in training)."""
+    """Class token and class token ⊕ mean patch token for every image (normalised as in training,
+    and resized to the training views' ``global_size`` when that differs from the image size)."""
     model.eval()
     cls, avg = [], []
     for s in range(0, len(images), batch):
         x = torch.stack([normalize_view(torch.from_numpy(im.astype(np.float32)), aug) for im in images[s : s + batch]])
+        if x.shape[-1] != aug.global_size:  # same resampling as the full-image random_resized_crop
+            x = F.interpolate(x, size=(aug.global_size, aug.global_size), mode="bilinear", align_corners=False, antialias=True)
         t = model.forward_tokens(x)
         cls.append(t["cls"].numpy())
         avg.append(torch.cat([t["cls"], t["patches"].mean(1)], 1).numpy())
