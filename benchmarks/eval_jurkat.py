@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedKFold
@@ -32,7 +31,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from phenoscope.ssl.augment import AugmentConfig, normalize_view
+from phenoscope.ssl.augment import AugmentConfig, normalize_view, resize
 from phenoscope.ssl.backbone import CellViT
 from phenoscope.ssl.checkpoint import load_backbone
 
@@ -69,8 +68,8 @@ def vit_features(model: CellViT, images: np.ndarray, aug: AugmentConfig, batch: 
     cls, avg = [], []
     for s in range(0, len(images), batch):
         x = torch.stack([normalize_view(torch.from_numpy(im.astype(np.float32)), aug) for im in images[s : s + batch]])
-        if x.shape[-1] != aug.global_size:  # same resampling as the full-image random_resized_crop
-            x = F.interpolate(x, size=(aug.global_size, aug.global_size), mode="bilinear", align_corners=False, antialias=True)
+        if x.shape[-1] != aug.global_size:
+            x = resize(x, aug.global_size)
         t = model.forward_tokens(x)
         cls.append(t["cls"].numpy())
         avg.append(torch.cat([t["cls"], t["patches"].mean(1)], 1).numpy())

@@ -63,8 +63,12 @@ def random_resized_crop(
         side = min(h, w)
         box = ((h - side) // 2, (w - side) // 2, side, side)
     top, left, ch, cw = box
-    crop = x[None, :, top : top + ch, left : left + cw]
-    return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return resize(x[None, :, top : top + ch, left : left + cw], size)[0]
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) → (B, C, size, size), bilinear and antialiased: the resampling of every view."""
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def random_flip_rot(x: torch.Tensor, flip_p: float, rot90: bool, g: torch.Generator) -> torch.Tensor:
