@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,6 +70,19 @@ def test_load_config_toml_and_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="unknown option"):
         load_config(_Outer, p)
 
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=[p.stem for p in SHIPPED_CONFIGS])
+def test_every_shipped_config_loads_into_its_dataclass(path):
+    """configs/pretrain_*.toml are ``phenoscope pretrain`` configs, the others ``phenoscope train`` ones."""
+    from phenoscope.segment.train import SegTrainConfig
+    from phenoscope.ssl.pretrain import PretrainConfig
+
+    cls = PretrainConfig if path.stem.startswith("pretrain_") else SegTrainConfig
+    assert isinstance(load_config(cls, path), cls)  # raises on unknown options (a typo)
 
 def test_label_file_for_prefers_masks_and_never_the_image_itself(tmp_path):
     from phenoscope.core.io import label_file_for
