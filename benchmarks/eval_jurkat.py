@@ -98,13 +98,14 @@ def cross_validate(feats: np.ndarray, y: np.ndarray, fraction: float = 1.0, fold
     """Mean macro-F1 over stratified folds (``logreg``, ``knn``) and mean per-class F1 (``logreg_per_class``,
     ``knn_per_class``, one value per class in label order); the training part is subsampled to ``fraction``."""
     rng = np.random.default_rng(seed)
+    classes = np.unique(y)
     per_class: dict[str, list[np.ndarray]] = {"logreg": [], "knn": []}
     for train_idx, test_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(feats, y):
         tr = subsample(y, train_idx, fraction, rng)
         for name, clf in classifiers(len(tr)).items():
             clf.fit(feats[tr], y[tr])
             pred = clf.predict(feats[test_idx])
-            per_class[name].append(f1_score(y[test_idx], pred, average=None, labels=np.unique(y), zero_division=0))
+            per_class[name].append(f1_score(y[test_idx], pred, average=None, labels=classes, zero_division=0))
     out: dict = {}
     for name, f1s in per_class.items():
         out[name] = float(np.mean([f.mean() for f in f1s]))

@@ -71,7 +71,6 @@ def test_load_config_toml_and_unknown_keys(tmp_path):
         load_config(_Outer, p)
 
 
-
 SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
 
 
@@ -83,6 +82,7 @@ def test_every_shipped_config_loads_into_its_dataclass(path):
 
     cls = PretrainConfig if path.stem.startswith("pretrain_") else SegTrainConfig
     assert isinstance(load_config(cls, path), cls)  # raises on unknown options (a typo)
+
 
 def test_label_file_for_prefers_masks_and_never_the_image_itself(tmp_path):
     from phenoscope.core.io import label_file_for
