@@ -2,7 +2,8 @@
 
 Every configurable component defines a ``@dataclass`` of its options with defaults.
 ``load_config(Cls, path, overrides)`` builds one from a file and keyword overrides and
-rejects unknown keys with a clear message.
+rejects unknown keys with a clear message. A file may start from another one with a top-level
+``extends = "other.toml"`` (relative to the file): its tables are merged over the other's, key by key.
 """
 
 from __future__ import annotations
@@ -44,21 +45,36 @@ def _dataclass_type(owner: type, annotation: Any) -> type | None:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, **overrides: Any) -> T:
-    """Load ``cls`` from a ``.toml`` or ``.json`` file (optional), then apply ``overrides``."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file not found: {path}")
-        text = path.read_text()
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ValueError(f"config file must be .toml or .json, got {path.name}")
+    """Load ``cls`` from a ``.toml`` or ``.json`` file (optional, may ``extends``), then apply ``overrides``."""
+    data = _read_config_file(Path(path)) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_dict(cls, data, where=str(path) if path else "config")
+
+
+def _read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The nested dict of a ``.toml`` / ``.json`` config, with its ``extends`` chain resolved."""
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.resolve() in _seen:
+        raise ValueError(f"config files extend each other in a cycle: {' -> '.join(map(str, (*_seen, path)))}")
+    if path.suffix == ".toml":
+        data = tomllib.loads(path.read_text())
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text())
+    else:
+        raise ValueError(f"config file must be .toml or .json, got {path.name}")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    return _merge(_read_config_file(path.parent / base, (*_seen, path.resolve())), data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``; tables (dicts) merge recursively, other values replace."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

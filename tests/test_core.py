@@ -52,6 +52,7 @@ def test_normalize_rejects_bad_input():
 @dataclasses.dataclass
 class _Inner:
     lr: float = 1e-3
+    steps: int = 1
 
 
 @dataclasses.dataclass
@@ -69,6 +70,22 @@ def test_load_config_toml_and_unknown_keys(tmp_path):
     p.write_text("nme = 1\n")
     with pytest.raises(ValueError, match="unknown option"):
         load_config(_Outer, p)
+
+
+def test_load_config_extends_merges_tables_and_rejects_cycles(tmp_path):
+    (tmp_path / "base.toml").write_text('name = "b"\n[inner]\nlr = 0.5\nsteps = 7\n')
+    (tmp_path / "mid.toml").write_text('extends = "base.toml"\n[inner]\nlr = 0.25\n')
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "top.toml").write_text('extends = "../mid.toml"\nname = "t"\n')
+    cfg = load_config(_Outer, sub / "top.toml")
+    assert (cfg.name, cfg.inner.lr, cfg.inner.steps) == ("t", 0.25, 7)  # steps survives the [inner] override
+    (tmp_path / "base.toml").write_text('extends = "sub/top.toml"\n')
+    with pytest.raises(ValueError, match="cycle"):
+        load_config(_Outer, sub / "top.toml")
+    (tmp_path / "mid.toml").write_text('extends = "missing.toml"\n')
+    with pytest.raises(FileNotFoundError, match="missing.toml"):
+        load_config(_Outer, tmp_path / "mid.toml")
 
 
 SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))

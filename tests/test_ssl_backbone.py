@@ -134,8 +134,9 @@ def test_registers_and_shapes():
     assert out["cls"].shape == (3, 192) and out["registers"].shape == (3, 4, 192) and out["patches"].shape == (3, 20, 192)
     with pytest.raises(ValueError, match="expected input"):
         model(torch.randn(1, 3, 32, 32))
+    assert _tiny(patch_size=5).forward_tokens(torch.randn(1, 4, 40, 40))["patches"].shape == (1, 64, 192)
     with pytest.raises(ValueError, match="patch_size"):
-        ViTConfig(patch_size=12).resolved()
+        ViTConfig(patch_size=0).resolved()
 
 
 def test_bag_of_channels_uses_every_channel():

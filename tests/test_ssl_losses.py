@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from phenoscope.ssl.baselines import mae_loss, patchify
 from phenoscope.ssl.heads import DINOHead
 from phenoscope.ssl.losses import (
     Centering,
@@ -17,7 +16,9 @@ from phenoscope.ssl.losses import (
     gather_keys,
     info_nce_loss,
     koleo_loss,
+    mae_loss,
     nt_xent_loss,
+    patchify,
     sinkhorn_knopp,
 )
 from phenoscope.ssl.masking import batch_masks, block_mask

@@ -18,6 +18,7 @@ from phenoscope.ssl.baselines import MAE, MAEConfig, MoCo, MoCoConfig, SimCLR, S
 from phenoscope.ssl.checkpoint import load_backbone
 from phenoscope.ssl.data import ArraySource, MultiCropCollate, MultiCropDataset
 from phenoscope.ssl.dino import DINO, DINOConfig
+from phenoscope.ssl.losses import patchify
 from phenoscope.train.loop import Progress, TrainConfig, train
 
 AUG = AugmentConfig(global_size=32, local_size=16, n_local=2)
@@ -94,6 +95,27 @@ def test_dino_sinkhorn_and_no_local_crops():
     assert torch.isfinite(out["loss"]) and obj.student.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="centering"):
         DINO(_vit(), DINOConfig(centering="none"))
+
+
+def test_dino_pixel_loss_adds_masked_patch_regression():
+    """``pixel_loss_weight`` adds w · MSE(head(masked student tokens), view pixels) and nothing else."""
+    aug = AugmentConfig(global_size=32, n_local=0, mask_probability=1.0)
+    ds = MultiCropDataset(ArraySource(np.random.default_rng(1).random((4, 2, 40, 40), dtype=np.float32)), aug)
+    batch = MultiCropCollate(aug, 8)([ds[i] for i in range(4)])
+    outs = {}
+    for w in (0.0, 0.5):
+        torch.manual_seed(0)  # same backbone and DINO head; the pixel head is built after them
+        obj = DINO(_vit(), DINOConfig(n_prototypes=32, head_hidden_dim=32, head_bottleneck_dim=16, pixel_loss_weight=w))
+        outs[w] = obj(batch, Progress(0, 0, 10, 100))
+    assert "pixel" not in outs[0.0]
+    with torch.no_grad():
+        tokens = obj.student.backbone.forward_tokens(batch["global"], masks=batch["masks"])["patches"]
+        err = (obj.student.pixel_head(tokens) - patchify(batch["global"], 8)) ** 2
+        want = err.mean(-1)[batch["masks"]].mean()
+    assert outs[0.5]["pixel"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert (outs[0.5]["loss"] - outs[0.0]["loss"]).item() == pytest.approx(0.5 * want.item(), rel=1e-4)
+    outs[0.5]["loss"].backward()
+    assert obj.student.pixel_head.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(

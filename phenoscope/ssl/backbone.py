@@ -58,8 +58,8 @@ class ViTConfig:
         """Copy with the ``arch`` preset filled into zero-valued size fields; validates values."""
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; known: {sorted(ARCHS)}")
-        if self.patch_size not in (8, 14, 16):
-            raise ValueError(f"patch_size must be 8, 14 or 16, got {self.patch_size}")
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1 pixel (dinov2 uses 14, Cell-DINO 8 or 16), got {self.patch_size}")
         if self.in_chans < 1:
             raise ValueError(f"in_chans must be >= 1, got {self.in_chans}")
         dim, depth, heads = ARCHS[self.arch]

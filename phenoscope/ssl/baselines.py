@@ -15,7 +15,7 @@ from torch import nn
 
 from phenoscope.ssl.backbone import Block, CellViT
 from phenoscope.ssl.heads import mlp
-from phenoscope.ssl.losses import gather_keys, info_nce_loss, nt_xent_loss
+from phenoscope.ssl.losses import gather_keys, info_nce_loss, mae_loss, nt_xent_loss, patchify
 from phenoscope.train.loop import Progress
 from phenoscope.train.optim import param_groups
 from phenoscope.train.schedules import cosine_schedule, ema_update
@@ -124,22 +124,6 @@ class MoCo(_Objective):
         m = cosine_schedule(progress.step, progress.total_steps, self.cfg.momentum, self.cfg.final_momentum)
         ema_update(self.key_backbone, self.backbone, m)
         ema_update(self.key_projector, self.projector, m)
-
-
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) → (B, N, p*p*C) row-major patches (MAE layout)."""
-    b, c, h, w = x.shape
-    x = x[:, :, : h // p * p, : w // p * p].reshape(b, c, h // p, p, w // p, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def mae_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
-    """Mean squared error over masked patches; ``norm_pix`` standardises each target patch."""
-    if norm_pix:
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6).sqrt()
-    per_patch = ((pred.float() - target) ** 2).mean(-1)
-    return (per_patch * masked).sum() / masked.sum().clamp(min=1)
 
 
 class MAE(_Objective):

@@ -14,7 +14,15 @@ from torch import nn
 
 from phenoscope.ssl.backbone import CellViT
 from phenoscope.ssl.heads import DINOHead
-from phenoscope.ssl.losses import Centering, dino_cls_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
+from phenoscope.ssl.losses import (
+    Centering,
+    dino_cls_loss,
+    ibot_patch_loss,
+    koleo_loss,
+    mae_loss,
+    patchify,
+    sinkhorn_knopp,
+)
 from phenoscope.train.loop import Progress
 from phenoscope.train.optim import param_groups
 from phenoscope.train.schedules import cosine_schedule, ema_update, linear_warmup
@@ -41,6 +49,10 @@ class DINOConfig:
     dino_loss_weight: float = 1.0
     ibot_loss_weight: float = 1.0
     koleo_loss_weight: float = 0.1
+    # > 0 adds a linear head regressing the pixels of the masked global-view patches (no per-patch
+    # normalisation) from the student's patch tokens (SimMIM-style), so tokens keep absolute
+    # intensity; 0 = dinov2
+    pixel_loss_weight: float = 0.0
     momentum_teacher: float = 0.992
     final_momentum_teacher: float = 1.0
     layer_decay: float = 0.9
@@ -60,9 +72,11 @@ class DINO(nn.Module):
         def head() -> DINOHead:
             return DINOHead(dim, cfg.n_prototypes, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_layers)
 
-        heads = {"dino_head": head()}
+        heads: dict[str, nn.Module] = {"dino_head": head()}
         if cfg.ibot_separate_head:
             heads["ibot_head"] = head()
+        if cfg.pixel_loss_weight > 0:
+            heads["pixel_head"] = nn.Linear(dim, backbone.cfg.patch_size**2 * backbone.cfg.in_chans)
         self.student = nn.ModuleDict({"backbone": backbone, **heads})
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
@@ -119,7 +133,13 @@ class DINO(nn.Module):
             else g.new_zeros(())
         )
         loss = c.dino_loss_weight * dino + c.ibot_loss_weight * ibot + c.koleo_loss_weight * koleo
-        return {"loss": loss, "dino": dino.detach(), "ibot": ibot.detach(), "koleo": koleo.detach(), "teacher_temp": torch.tensor(temp)}
+        out = {"dino": dino.detach(), "ibot": ibot.detach(), "koleo": koleo.detach(), "teacher_temp": torch.tensor(temp)}
+        if c.pixel_loss_weight > 0:
+            target = patchify(g, self.student.backbone.cfg.patch_size)
+            pixel = mae_loss(self.student.pixel_head(s["patches"]), target, masks.float(), norm_pix=False)
+            loss = loss + c.pixel_loss_weight * pixel
+            out["pixel"] = pixel.detach()
+        return {"loss": loss, **out}
 
     def momentum(self, progress: Progress) -> float:
         return cosine_schedule(progress.step, progress.total_steps, self.cfg.momentum_teacher, self.cfg.final_momentum_teacher)

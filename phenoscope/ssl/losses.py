@@ -167,3 +167,19 @@ def info_nce_loss(
     pos = (q * k).sum(-1, keepdim=True)
     logits = torch.cat([pos, q @ queue.t()], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) → (B, N, p*p*C) row-major patches (MAE layout)."""
+    b, c, h, w = x.shape
+    x = x[:, :, : h // p * p, : w // p * p].reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def mae_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
+    """Mean squared error over masked patches; ``norm_pix`` standardises each target patch."""
+    if norm_pix:
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    per_patch = ((pred.float() - target) ** 2).mean(-1)
+    return (per_patch * masked).sum() / masked.sum().clamp(min=1)
