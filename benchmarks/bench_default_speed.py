@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpsam-tiles", type=int, default=0, help="also time N cpsam tiles (0: skip)")
     parser.add_argument("--diameter", type=parse_diameter, default=None, help="'auto' or px (default: native size)")
+    parser.add_argument("--tta", action="store_true", help="average over tile flips, as `phenoscope segment --tta`")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -81,16 +82,16 @@ def main() -> None:
     from phenoscope.segment import load_model
 
     model = load_model(args.model)
-    n_tiles = len(list(tile_grid(1024, 1024, model.cfg.tile, 0.1)))
+    n_tiles = len(list(tile_grid(1024, 1024, model.cfg.tile, 0.1, augment=args.tta)))
     print(f"{n_tiles} tiles of {model.cfg.tile}² per image; {args.threads} threads, best of {args.repeats}")
     diameter = args.diameter  # None, px or 'auto'
     for image, what in sample_images():
-        res = model.segment(image, diameter=diameter)  # warm-up (numba compilation, oneDNN kernels)
-        seg = best_of(lambda: model.segment(image, diameter=diameter), args.repeats)
+        res = model.segment(image, diameter=diameter, tta=args.tta)  # warm-up (numba compilation, oneDNN kernels)
+        seg = best_of(lambda: model.segment(image, diameter=diameter, tta=args.tta), args.repeats)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "image.tif"
             imwrite_tiff(path, image)
-            extra = ["--diameter", str(diameter)] if diameter else []
+            extra = (["--diameter", str(diameter)] if diameter else []) + (["--tta"] if args.tta else [])
             cli = build_parser().parse_args(["segment", str(path), "--out", tmp, "--model", args.model, *extra])
             segmenter = _segmenter(cli)
             end_to_end = best_of(lambda: process_one(path, segmenter, cli), args.repeats)

@@ -1,7 +1,7 @@
 """Accuracy and robustness of a segmentation model on the DSB 2018 validation split, beside the classical baseline.
 
 Every image goes through the user path, ``load_model(...).segment(raw RGB image)`` at native size,
-with default parameters and no diameter (``--diameter auto|PX`` to change that). Prints (and writes as JSON) mean AP@0.5/0.75/0.9 and the
+with default parameters and no diameter (``--diameter auto|PX`` and ``--tta`` change that). Prints (and writes as JSON) mean AP@0.5/0.75/0.9 and the
 error rate at 0.5 per modality and overall; with ``--robustness`` also AP@0.5 under the
 perturbations of the Cellpose-SAM paper's Figure 3:
 
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--robustness", action="store_true", help="also evaluate the perturbations")
     parser.add_argument("--diameter", type=parse_diameter, default=None,
                         help="passed to model.segment: px, or 'auto' (default: native size)")
+    parser.add_argument("--tta", action="store_true", help="passed to model.segment: average over tile flips")
     parser.add_argument("--max-images", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
@@ -88,9 +89,9 @@ def main() -> None:
     index = dsb_index(args.data).set_index("image_id")
     groups = index.loc[ids, "modality_heuristic"].to_numpy()
     model = load_model(args.model)
-    results: dict = {"model": args.model, "diameter": args.diameter, "n_images": len(ids), "split": args.split}
+    results: dict = {"model": args.model, "diameter": args.diameter, "tta": args.tta, "n_images": len(ids), "split": args.split}
     kinds = PERTURBATIONS if args.robustness else ("original",)
-    methods = [("model", lambda im: model.segment(im, diameter=args.diameter).masks)] + [("classic", lambda im: segment_classic(im))]
+    methods = [("model", lambda im: model.segment(im, diameter=args.diameter, tta=args.tta).masks)] + [("classic", lambda im: segment_classic(im))]
     for kind in kinds:
         for name, seg in methods if kind == "original" else methods[:1]:
             rng = np.random.default_rng(0)

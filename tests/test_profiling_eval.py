@@ -26,6 +26,18 @@ def test_probes_learn_and_chance_on_shuffled_labels() -> None:
         assert good["macro_f1"] > 0.9 > bad["macro_f1"] + 0.3
 
 
+def test_select_c_picks_the_best_held_out_c_and_the_probe_uses_it() -> None:
+    x, y = _blobs()
+    best, f1 = classify.select_c(x[:200], y[:200], cs=(1e-7, 1.0))  # C = 1e-7 shrinks every weight to ~0
+    assert best == 1.0 and f1[1.0] > f1[1e-7] + 0.3
+    grid = classify.linear_probe_scores(x[:200], y[:200], x[200:], 3, c=(1e-7, 1.0))
+    np.testing.assert_array_equal(grid, classify.linear_probe_scores(x[:200], y[:200], x[200:], 3, c=1.0))
+    idx = np.concatenate([np.nonzero(y == k)[0][:n] for k, n in ((0, 6), (1, 3), (2, 1))])  # a class with 1 sample
+    assert classify.select_c(x[idx], y[idx])[0] in classify.PROBE_C
+    with pytest.raises(ValueError, match="at least one C"):
+        classify.select_c(x, y, cs=())
+
+
 def test_per_class_thresholds_and_low_shot_curve() -> None:
     x, y = _blobs()
     scores = classify.knn_scores(x[:200], y[:200], x[200:], 3)

@@ -13,12 +13,14 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, f1_score
+from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler, label_binarize
 
 Probe = Callable[[np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
 LOW_SHOT_FRACTIONS = (0.01, 0.02, 0.05, 0.10, 0.20, 0.50, 1.00)
+PROBE_C = (1.0, 0.1, 0.01)  # linear-probe C grid (inverse L2 strength), searched on held-out training data
 
 
 def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, k: int = 20, temperature: float = 0.07) -> np.ndarray:
@@ -42,11 +44,41 @@ def _expand(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarra
     return out
 
 
-def linear_probe_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, c: float = 1.0, seed: int = 0) -> np.ndarray:
-    """Standardised features → multinomial logistic regression (L2, ``C=c``)."""
+def linear_probe_scores(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, c: float | Sequence[float] = PROBE_C, seed: int = 0
+) -> np.ndarray:
+    """Standardised features → multinomial logistic regression (L2, ``C=c``).
+
+    A sequence ``c`` is a grid: ``select_c`` picks one on held-out training data (never on ``test_x``).
+    High-dimensional features such as raw pixels need strong regularisation, so a fixed C favours
+    compact embeddings; the grid gives every feature set its own.
+    """
+    if not np.isscalar(c):
+        c = select_c(train_x, train_y, tuple(c), seed=seed)[0]
     model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
     model.fit(train_x, train_y)
     return _expand(model.predict_proba(test_x), model.classes_, n_classes)
+
+
+def select_c(
+    train_x: np.ndarray, train_y: np.ndarray, cs: Sequence[float] = PROBE_C, holdout: float = 0.2, seed: int = 0
+) -> tuple[float, dict[float, float]]:
+    """The linear probe's ``C`` from ``cs`` with the best macro-F1 on a ``holdout`` fraction of the training data.
+
+    The split is stratified when every class has ≥ 2 samples. Returns (best C, {C: holdout macro-F1});
+    ties go to the earlier C, and so does a split that leaves fewer than 2 classes to fit.
+    """
+    if not cs:
+        raise ValueError("cs must hold at least one C")
+    counts = np.unique(train_y, return_counts=True)[1]
+    stratify = train_y if counts.min() >= 2 and round(holdout * len(train_y)) >= len(counts) else None
+    fit, val = train_test_split(np.arange(len(train_y)), test_size=holdout, stratify=stratify, random_state=seed)
+    if len(np.unique(train_y[fit])) < 2:
+        return cs[0], {}
+    n_classes = int(train_y.max()) + 1
+    f1 = {c: float(f1_score(train_y[val], linear_probe_scores(train_x[fit], train_y[fit], train_x[val], n_classes, c, seed).argmax(1),
+                            average="macro", zero_division=0)) for c in cs}
+    return max(f1, key=f1.__getitem__), f1
 
 
 def mlp_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, hidden: int = 256, seed: int = 0) -> np.ndarray:
