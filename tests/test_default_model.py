@@ -62,7 +62,7 @@ def test_segment_cli_uses_the_default_model_offline(dsb_dir, tmp_path):
 
 
 def test_auto_diameter_measures_cells_then_resizes(dsb_dir, tmp_path):
-    from phenoscope.segment.augment import diameter
+    from phenoscope.segment.flows import diameter
 
     model = load_model()
     image_id = min(_val_ids(), key=lambda i: diameter(dsb_labels(dsb_dir, i)) or np.inf)  # the smallest nuclei

@@ -17,7 +17,7 @@ from phenoscope.core.io import imwrite_tiff
 from phenoscope.datasets import synthetic_nuclei
 from phenoscope.segment import augment as aug
 from phenoscope.segment.checkpoint import save_model
-from phenoscope.segment.flows import masks_to_flows
+from phenoscope.segment.flows import diameter, masks_to_flows
 from phenoscope.segment.net import build_net, variant
 from phenoscope.segment.train import (
     CellposeLoss,
@@ -80,8 +80,8 @@ def test_augment_sample_is_seeded_and_shaped():
     image = np.stack([img / img.max(), np.zeros_like(img), np.zeros_like(img)]).astype(np.float32)
     flows = masks_to_flows(lab)
     cfg = aug.SegAugmentConfig()
-    x1, t1 = aug.augment_sample(image, flows, lab > 0, aug.diameter(lab), 64, np.random.default_rng(5), cfg)
-    x2, t2 = aug.augment_sample(image, flows, lab > 0, aug.diameter(lab), 64, np.random.default_rng(5), cfg)
+    x1, t1 = aug.augment_sample(image, flows, lab > 0, diameter(lab), 64, np.random.default_rng(5), cfg)
+    x2, t2 = aug.augment_sample(image, flows, lab > 0, diameter(lab), 64, np.random.default_rng(5), cfg)
     assert x1.shape == (3, 64, 64) and t1.shape == (3, 64, 64) and x1.dtype == np.float32
     assert np.array_equal(x1, x2) and np.array_equal(t1, t2)
     assert set(np.unique(t1[0])) <= {0.0, 1.0}
@@ -171,7 +171,7 @@ def _samples(n=4, tile=64):
         img, lab = _labels(seed)
         image = np.zeros((3, *img.shape), np.float32)
         image[0] = img / img.max()
-        out.append(Sample(image, masks_to_flows(lab), lab, aug.diameter(lab)))
+        out.append(Sample(image, masks_to_flows(lab), lab, diameter(lab)))
     return out
 
 

@@ -46,13 +46,6 @@ class SegAugmentConfig:
     downsample: tuple[float, float] = (2.0, 6.0)  # factor
 
 
-def diameter(labels: np.ndarray) -> float:
-    """cellpose's diameter estimate: 2·sqrt(median area / π) in px (0 for an empty label image)."""
-    counts = np.bincount(labels.ravel())[1:]
-    counts = counts[counts > 0]
-    return float(2 * np.sqrt(np.median(counts) / np.pi)) if counts.size else 0.0
-
-
 def random_affine(
     shape: tuple[int, int], tile: int, scale: float, rng: np.random.Generator, rotate: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

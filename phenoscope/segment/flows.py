@@ -38,6 +38,13 @@ def check_labels(masks: np.ndarray, name: str = "masks", as_int64: bool = True) 
     return masks
 
 
+def diameter(labels: np.ndarray) -> float:
+    """cellpose's diameter estimate: 2·sqrt(median area / π) in px (0 for an empty label image)."""
+    counts = np.bincount(labels.ravel())[1:]
+    counts = counts[counts > 0]
+    return float(2 * np.sqrt(np.median(counts) / np.pi)) if counts.size else 0.0
+
+
 @numba.njit(cache=True, nogil=True)
 def _centre_2d(local: np.ndarray) -> tuple[int, int]:
     """cellpose ``center_of_mass``: rounded mean pixel, else the object pixel nearest to it."""

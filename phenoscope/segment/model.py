@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from phenoscope.core.normalize import normalize_percentile
 from phenoscope.core.tiling import TileGrid, blend_tile, flip_tile, read_tile, taper_mask, tile_grid, unflip_output
-from phenoscope.segment.augment import diameter as median_diameter
+from phenoscope.segment.flows import diameter as median_diameter
 from phenoscope.segment.net import CellposeSAMNet
 
 MIN_SIDE = 16  # px; smaller images cannot hold a cell of min_size at the network's scale

@@ -34,7 +34,8 @@ from phenoscope.core.io import (
     imread,
     label_file_for,
 )
-from phenoscope.segment.augment import SegAugmentConfig, augment_sample, diameter
+from phenoscope.segment.augment import SegAugmentConfig, augment_sample
+from phenoscope.segment.flows import diameter
 from phenoscope.segment.net import CellposeSAMNet, NetConfig, build_net
 from phenoscope.train.loop import TrainConfig
 
