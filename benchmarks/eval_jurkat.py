@@ -1,7 +1,8 @@
 """Frozen-embedding evaluation on Jurkat cell-cycle crops (7,918 cells, 3 channels, 7 phases).
 
 Stratified 5-fold CV, macro-F1, two classifiers: kNN (k=20, cosine, majority vote, on the
-features as they are) and logistic regression (on standardised features, its C chosen in every fold
+features as they are, except the handcrafted ones, which are standardised on the training part
+because their units differ by orders of magnitude) and logistic regression (on standardised features, its C chosen in every fold
 from ``PROBE_C`` = 1, 0.1, 0.01 on a 20 % holdout of the training part: the 4,800 raw pixels need
 C = 0.01, the embeddings mostly C = 1). Feature sets, side by side in one run:
 
@@ -12,7 +13,9 @@ C = 0.01, the embeddings mostly C = 1). Feature sets, side by side in one run:
   token (``NAME``) and class token + mean patch token (``NAME+avg``).
 
 Images are normalised exactly as in pretraining (``config.json`` beside each backbone).
-The lead's floors are printed next to our numbers, with ratios.
+The lead's floors are printed next to our numbers, with ratios. ``--dna-content`` also reports how
+well each feature set predicts the cell's DNA content (log integrated intensity of the DNA object,
+the cue that separates G1, S and G2): 5-fold R² of a ridge regression.
 
     python benchmarks/eval_jurkat.py --backbone dino=runs/jurkat_dino/backbone.safetensors --lowshot
 """
@@ -26,11 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.linear_model import RidgeCV
 from sklearn.metrics import f1_score
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
-from phenoscope.profiling.classify import linear_probe_scores, select_c
+from phenoscope.profiling.classify import linear_probe_scores, select_c, stratified_fraction
 from phenoscope.ssl.augment import AugmentConfig, normalize_view, resize
 from phenoscope.ssl.backbone import CellViT
 from phenoscope.ssl.checkpoint import load_backbone
@@ -39,6 +45,8 @@ DEFAULT_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 # Floors measured by the lead (stratified 5-fold macro-F1): (LogReg, kNN).
 FLOORS = {"handcrafted": (0.816, 0.685), "raw": (0.664, 0.591), "random-vit": (0.602, 0.430)}
 DNA = 1  # channel order: brightfield, DNA, darkfield
+STANDARDIZE_KNN = {"handcrafted"}  # sums of ~1e5 grey levels beside eccentricities <= 1
+DNA_CONTENT = 8 * 3 + 7  # handcrafted column: integrated intensity of the largest DNA object
 
 
 def handcrafted_features(images: np.ndarray) -> np.ndarray:
@@ -76,30 +84,23 @@ def vit_features(model: CellViT, images: np.ndarray, aug: AugmentConfig, batch: 
     return {"cls": np.concatenate(cls), "cls+avg": np.concatenate(avg)}
 
 
-def subsample(y: np.ndarray, idx: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """Stratified ``fraction`` of ``idx`` with at least one sample per class."""
-    if fraction >= 1:
-        return idx
-    keep = []
-    for c in np.unique(y[idx]):
-        members = idx[y[idx] == c]
-        keep.append(rng.choice(members, size=max(1, int(round(fraction * len(members)))), replace=False))
-    return np.concatenate(keep)
-
-
-def cross_validate(feats: np.ndarray, y: np.ndarray, fraction: float = 1.0, folds: int = 5, seed: int = 0) -> dict:
+def cross_validate(feats: np.ndarray, y: np.ndarray, fraction: float = 1.0, folds: int = 5, seed: int = 0,
+                   knn_standardize: bool = False) -> dict:
     """Mean macro-F1 over stratified folds (``logreg``, ``knn``), mean per-class F1 (``logreg_per_class``,
     ``knn_per_class``, one value per class in label order) and the C chosen in each fold (``logreg_C``);
-    the training part is subsampled to ``fraction``."""
-    rng = np.random.default_rng(seed)
+    the training part is subsampled to ``fraction`` (stratified, at least one cell per class).
+    ``knn_standardize`` runs kNN on features standardised with the training part's statistics."""
     classes = np.unique(y)
     per_class: dict[str, list[np.ndarray]] = {"logreg": [], "knn": []}
     chosen = []
-    for train_idx, test_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(feats, y):
-        tr = subsample(y, train_idx, fraction, rng)
+    for fold, (train_idx, test_idx) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(feats, y)):
+        tr = train_idx[stratified_fraction(y[train_idx], fraction, seed + fold)]
         c = select_c(feats[tr], y[tr], seed=seed)[0]
         chosen.append(c)
-        knn = KNeighborsClassifier(n_neighbors=min(20, len(tr)), metric="cosine").fit(feats[tr], y[tr])  # on the features as they are
+        knn = KNeighborsClassifier(n_neighbors=min(20, len(tr)), metric="cosine")
+        if knn_standardize:
+            knn = make_pipeline(StandardScaler(), knn)
+        knn.fit(feats[tr], y[tr])
         preds = {"logreg": linear_probe_scores(feats[tr], y[tr], feats[test_idx], len(classes), c, seed).argmax(1),
                  "knn": knn.predict(feats[test_idx])}
         for name, pred in preds.items():
@@ -109,6 +110,13 @@ def cross_validate(feats: np.ndarray, y: np.ndarray, fraction: float = 1.0, fold
         out[name] = float(np.mean([f.mean() for f in f1s]))
         out[f"{name}_per_class"] = np.mean(f1s, axis=0).round(3).tolist()
     return out
+
+
+def dna_content_r2(feats: np.ndarray, target: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Out-of-fold R² of a ridge regression (standardised features, alpha by inner CV) predicting ``target``."""
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 7)))
+    pred = cross_val_predict(model, feats, target, cv=KFold(folds, shuffle=True, random_state=seed))
+    return float(1 - np.mean((pred - target) ** 2) / np.var(target))
 
 
 def training_augment(backbone_path: Path) -> AugmentConfig:
@@ -128,6 +136,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write results as JSON")
     ap.add_argument("--no-references", action="store_true", help="skip handcrafted / raw / random-ViT features")
+    ap.add_argument("--dna-content", action="store_true", help="also R² of predicting log DNA content from each feature set")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     with np.load(args.npz, allow_pickle=False) as z:
@@ -149,7 +158,7 @@ def main() -> None:
         out = vit_features(model, images, aug)
         feats[name], feats[f"{name}+avg"] = out["cls"], out["cls+avg"]
     print(f"features in {time.time() - t0:.0f} s: " + ", ".join(f"{k} {v.shape[1]}" for k, v in feats.items()))
-    results = {k: cross_validate(v, y, 1.0, args.folds, args.seed) for k, v in feats.items()}
+    results = {k: cross_validate(v, y, 1.0, args.folds, args.seed, k in STANDARDIZE_KNN) for k, v in feats.items()}
     print("\nstratified 5-fold macro-F1 (ratio = ours / lead's floor for that row, where one exists)")
     print(f"{'features':<18}{'LogReg':>8}{'kNN':>8}{'floor LR':>10}{'floor kNN':>10}{'ratio LR':>10}{'ratio kNN':>10}   LogReg C by fold")
     for k, r in results.items():
@@ -167,14 +176,24 @@ def main() -> None:
     if args.lowshot:
         print("\nlow-shot macro-F1 (LogReg / kNN) by fraction of training labels")
         for k, v in feats.items():
-            lowshot[k] = {f: cross_validate(v, y, f, args.folds, args.seed) for f in (0.01, 0.05, 0.10)}
+            lowshot[k] = {f: cross_validate(v, y, f, args.folds, args.seed, k in STANDARDIZE_KNN) for f in (0.01, 0.05, 0.10)}
             lowshot[k][1.0] = results[k]
             print(f"{k:<18}" + "  ".join(f"{int(f * 100):>3}%: {r['logreg']:.3f}/{r['knn']:.3f}" for f, r in lowshot[k].items()))
+    dna_r2 = {}
+    if args.dna_content:
+        hc = feats["handcrafted"] if "handcrafted" in feats else handcrafted_features(images)
+        target = np.log1p(hc[:, DNA_CONTENT])
+        print("\nR² of log DNA content (ridge, 5-fold): DNA content is what separates G1, S and G2")
+        for k, v in feats.items():
+            if k != "handcrafted":  # it contains the target
+                dna_r2[k] = dna_content_r2(v, target, args.folds, args.seed)
+                print(f"{k:<18}{dna_r2[k]:>8.3f}")
     if args.out:
         from phenoscope.core.io import atomic_write
 
         with atomic_write(args.out, "w") as fh:
-            json.dump({"full": results, "lowshot": {k: {str(f): r for f, r in v.items()} for k, v in lowshot.items()}}, fh, indent=2)
+            json.dump({"full": results, "lowshot": {k: {str(f): r for f, r in v.items()} for k, v in lowshot.items()},
+                       "dna_content_r2": dna_r2}, fh, indent=2)
 
 
 if __name__ == "__main__":

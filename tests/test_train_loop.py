@@ -110,12 +110,16 @@ def test_dino_pixel_loss_adds_masked_patch_regression():
     assert "pixel" not in outs[0.0]
     with torch.no_grad():
         tokens = obj.student.backbone.forward_tokens(batch["global"], masks=batch["masks"])["patches"]
-        err = (obj.student.pixel_head(tokens) - patchify(batch["global"], 8)) ** 2
+        err = (obj.pixel_head(tokens) - patchify(batch["global"], 8)) ** 2
         want = err.mean(-1)[batch["masks"]].mean()
     assert outs[0.5]["pixel"].item() == pytest.approx(want.item(), rel=1e-5)
     assert (outs[0.5]["loss"] - outs[0.0]["loss"]).item() == pytest.approx(0.5 * want.item(), rel=1e-4)
     outs[0.5]["loss"].backward()
-    assert obj.student.pixel_head.weight.grad.abs().sum() > 0
+    assert obj.pixel_head.weight.grad.abs().sum() > 0
+    assert "pixel_head" not in obj.teacher  # student-only: no EMA copy
+    optimised = {id(p) for group in obj.param_groups() for p in group["params"]}
+    assert {id(p) for p in obj.pixel_head.parameters()} <= optimised
+    assert not optimised & {id(p) for p in obj.teacher.parameters()}
 
 
 @pytest.mark.parametrize(

@@ -75,10 +75,10 @@ class DINO(nn.Module):
         heads: dict[str, nn.Module] = {"dino_head": head()}
         if cfg.ibot_separate_head:
             heads["ibot_head"] = head()
-        if cfg.pixel_loss_weight > 0:
-            heads["pixel_head"] = nn.Linear(dim, backbone.cfg.patch_size**2 * backbone.cfg.in_chans)
         self.student = nn.ModuleDict({"backbone": backbone, **heads})
         self.teacher = copy.deepcopy(self.student)
+        # student-only (the teacher never regresses pixels): masked-patch tokens -> patch pixels
+        self.pixel_head = nn.Linear(dim, backbone.cfg.patch_size**2 * backbone.cfg.in_chans) if cfg.pixel_loss_weight > 0 else None
         for p in self.teacher.parameters():
             p.requires_grad = False
         self.teacher.eval()  # no drop path in the teacher
@@ -98,7 +98,8 @@ class DINO(nn.Module):
     def param_groups(self) -> list[dict]:
         c = self.cfg
         depth = self.student.backbone.cfg.depth
-        return param_groups(self.student.named_parameters(prefix="student"), depth, c.layer_decay, c.patch_embed_lr_mult, "student.backbone.")
+        # the teacher's parameters are frozen, so param_groups skips them
+        return param_groups(self.named_parameters(), depth, c.layer_decay, c.patch_embed_lr_mult, "student.backbone.")
 
     def _targets(self, logits: torch.Tensor, center: Centering, temp: float) -> torch.Tensor:
         if self.cfg.centering == "sinkhorn":
@@ -134,9 +135,9 @@ class DINO(nn.Module):
         )
         loss = c.dino_loss_weight * dino + c.ibot_loss_weight * ibot + c.koleo_loss_weight * koleo
         out = {"dino": dino.detach(), "ibot": ibot.detach(), "koleo": koleo.detach(), "teacher_temp": torch.tensor(temp)}
-        if c.pixel_loss_weight > 0:
+        if self.pixel_head is not None:
             target = patchify(g, self.student.backbone.cfg.patch_size)
-            pixel = mae_loss(self.student.pixel_head(s["patches"]), target, masks.float(), norm_pix=False)
+            pixel = mae_loss(self.pixel_head(s["patches"]), target, masks.float(), norm_pix=False)
             loss = loss + c.pixel_loss_weight * pixel
             out["pixel"] = pixel.detach()
         return {"loss": loss, **out}
