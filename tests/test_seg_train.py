@@ -309,14 +309,15 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, start_model):
     args = ["-m", "phenoscope", "train", "--images", str(data / "images"), "--labels", str(data / "labels"),
             "--out", str(out), "--model", str(start_model), "--epochs", "400", "--batch-size", "1",
             "--val-fraction", "0", "--val-every", "0", "--threads", "1"]
-    proc = subprocess.Popen([sys.executable, *args], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "log.csv").exists() or len((out / "log.csv").read_text().splitlines()) < 12:
-        assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "checkpoint saved" in err
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # a file, not a pipe that nobody reads while we wait
+        proc = subprocess.Popen([sys.executable, *args], stderr=stderr)
+        deadline = time.monotonic() + 120
+        while not (out / "log.csv").exists() or len((out / "log.csv").read_text().splitlines()) < 12:
+            assert time.monotonic() < deadline and proc.poll() is None, "training did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 130 and "checkpoint saved" in (tmp_path / "stderr.txt").read_text()
     done = torch.load(out / "trainer_state.pt", weights_only=True)
     assert 0 < done["step"] < 400 * 8
     args[args.index("400")] = str(done["epoch"] + 1)  # finish the interrupted epoch

@@ -83,6 +83,41 @@ def test_dino_loop_freeze_ema_resume(tmp_path):
     assert not torch.equal(obj2.student.dino_head.last_layer.parametrizations.weight.original1, last0)
 
 
+class _SignalAt(torch.utils.data.Dataset):
+    """Sends ``sig`` to this process while the ``at``-th item (in loading order, from 1) is loaded."""
+
+    def __init__(self, dataset, at: int, sig: int) -> None:
+        self.dataset, self.at, self.sig, self.loaded = dataset, at, sig, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.loaded += 1
+        if self.loaded == self.at:
+            os.kill(os.getpid(), self.sig)
+        return self.dataset[i]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_checkpoints_and_resumes(tmp_path, sig):
+    import signal
+
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    cfg = TrainConfig(epochs=2, batch_size=4, warmup_epochs=0, progress_bar=False)
+    collate = MultiCropCollate(AUG, 8)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):  # the signal arrives while the 2nd batch loads
+        train(_dino(), _SignalAt(_dataset(), 6, getattr(signal, sig)), cfg, tmp_path, collate_fn=collate)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 2)  # that step finished, then the loop stopped
+    out = train(_dino(), _dataset(), cfg, tmp_path, resume=True, collate_fn=collate)
+    assert out["finished"] and out["step"] == 2 * 4
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [int(float(r["step"])) for r in rows] == list(range(8))
+
+
 def test_dino_sinkhorn_and_no_local_crops():
     torch.manual_seed(0)
     aug = AugmentConfig(global_size=32, n_local=0)

@@ -261,11 +261,28 @@ class LossLog:
 
 
 class _Interrupted(KeyboardInterrupt):
-    """SIGTERM turned into an interrupt so the loop can checkpoint before exiting."""
+    """A stop request (SIGTERM or Ctrl-C), raised by the loop after the step it interrupted and a checkpoint."""
 
 
-def _raise_interrupted(signum, frame):  # noqa: ARG001
-    raise _Interrupted(f"signal {signum}")
+class _StopRequest:
+    """Handler for SIGTERM and SIGINT that only records the signal; the loop stops after the current step.
+
+    Raising from the handler instead would interrupt the loop at any bytecode (inside a lock, a
+    file write, the progress bar), which can leave the process unable to exit. A second Ctrl-C
+    interrupts at once, as usual.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+def _report_interrupt(step: int) -> None:
+    print(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume", file=sys.stderr, flush=True)
 
 
 def train(
@@ -279,7 +296,8 @@ def train(
     """Train ``objective`` on ``dataset``; checkpoints and logs go to ``out_dir``.
 
     Returns a summary: steps run, final epoch, last logged values, and whether it finished.
-    Ctrl-C or SIGTERM saves a checkpoint at the last completed step before stopping.
+    SIGTERM or Ctrl-C (in the main thread) lets the current step finish, saves a checkpoint and
+    raises ``KeyboardInterrupt``; a second Ctrl-C interrupts at once.
     """
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {cfg.schedule!r}; choose from {SCHEDULES}")
@@ -306,7 +324,8 @@ def train(
                 LossLog(out_dir / EPOCH_CSV, out_dir / EPOCH_PNG, "epoch", start_epoch if resume else None))
     t0, run_steps, last, stopped = time.monotonic(), 0, {}, False
     done = (start_epoch, step, skip)  # (epoch, step, batches of that epoch) completed so far
-    old_handler = signal.signal(signal.SIGTERM, _raise_interrupted) if _main_thread() else None
+    stop = _StopRequest()
+    old_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
     try:
         for epoch in range(start_epoch, cfg.epochs):
             if hasattr(dataset, "set_epoch"):
@@ -321,7 +340,7 @@ def train(
                 if logs is not None:
                     logs[0].append(last)
                 out_of_time = cfg.max_minutes > 0 and time.monotonic() - t0 > 60 * cfg.max_minutes
-                if out_of_time or (cfg.max_steps and run_steps >= cfg.max_steps):
+                if stop.signum is not None or out_of_time or (cfg.max_steps and run_steps >= cfg.max_steps):
                     stopped = (epoch + 1, batch_idx + 1) != (cfg.epochs, steps_per_epoch)
                     break
             skip = 0
@@ -334,14 +353,18 @@ def train(
                 logs[0].plot()
             if stopped:
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C
         if rank == 0:
             save_checkpoint(out_dir, objective, opt, *done)
-            print(f"\ninterrupted: checkpoint saved at step {done[1]}; continue with --resume", file=sys.stderr, flush=True)
+            _report_interrupt(done[1])
         raise
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    if stopped and stop.signum is not None:  # the checkpoint is saved
+        if rank == 0:
+            _report_interrupt(done[1])
+        raise _Interrupted(f"signal {stop.signum}")
     if world > 1:
         dist.barrier()
     return {"steps": run_steps, "step": step, "finished": not stopped, "last": last, "minutes": (time.monotonic() - t0) / 60}
