@@ -2,9 +2,10 @@
 
 Stratified 5-fold CV, macro-F1, two classifiers: kNN (k=20, cosine, majority vote, on the
 features as they are, except the handcrafted ones, which are standardised on the training part
-because their units differ by orders of magnitude) and logistic regression (on standardised features, its C chosen in every fold
-from ``PROBE_C`` = 1, 0.1, 0.01 on a 20 % holdout of the training part: the 4,800 raw pixels need
-C = 0.01, the embeddings mostly C = 1). Feature sets, side by side in one run:
+because their units differ by orders of magnitude) and logistic regression (on standardised
+features, its C chosen in every fold from ``PROBE_C`` = 1, 0.1, 0.01 on a 20 % holdout of the
+training part: the 4,800 raw pixels need C = 0.01, the embeddings mostly C = 1). Feature sets,
+side by side in one run:
 
 - ``handcrafted``: per-channel intensity statistics + shape of the DNA-channel object (Otsu);
 - ``raw``: the 3×40×40 pixels;
