@@ -47,7 +47,7 @@ DEFAULT_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 FLOORS = {"handcrafted": (0.816, 0.685), "raw": (0.664, 0.591), "random-vit": (0.602, 0.430)}
 DNA = 1  # channel order: brightfield, DNA, darkfield
 STANDARDIZE_KNN = {"handcrafted"}  # sums of ~1e5 grey levels beside eccentricities <= 1
-DNA_CONTENT = 8 * 3 + 7  # handcrafted column: integrated intensity of the largest DNA object
+DNA_CONTENT = -4  # handcrafted column (from the end, so any channel count): the DNA object's integrated intensity
 
 
 def handcrafted_features(images: np.ndarray) -> np.ndarray:

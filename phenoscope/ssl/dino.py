@@ -77,11 +77,11 @@ class DINO(nn.Module):
             heads["ibot_head"] = head()
         self.student = nn.ModuleDict({"backbone": backbone, **heads})
         self.teacher = copy.deepcopy(self.student)
-        # student-only (the teacher never regresses pixels): masked-patch tokens -> patch pixels
-        self.pixel_head = nn.Linear(dim, backbone.cfg.patch_size**2 * backbone.cfg.in_chans) if cfg.pixel_loss_weight > 0 else None
         for p in self.teacher.parameters():
             p.requires_grad = False
         self.teacher.eval()  # no drop path in the teacher
+        # student-only (the teacher never regresses pixels): masked-patch tokens -> patch pixels
+        self.pixel_head = nn.Linear(dim, backbone.cfg.patch_size**2 * backbone.cfg.in_chans) if cfg.pixel_loss_weight > 0 else None
         self.cls_center = Centering(cfg.n_prototypes, cfg.center_momentum)
         self.patch_center = Centering(cfg.n_prototypes, cfg.center_momentum)
 
