@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from phenoscope.cli.segment import parse_diameter
+from phenoscope.datasets import data_root
 
-ROOT = Path(__file__).resolve().parents[1]
-DSB = ROOT.parent / "shared" / "data" / "dsb2018_train"
+DSB = data_root() / "dsb2018_train"
 
 
 def sample_images() -> list[tuple[np.ndarray, str]]:

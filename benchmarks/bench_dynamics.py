@@ -22,7 +22,7 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "2")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from phenoscope.datasets import label_mosaic  # noqa: E402
+from phenoscope.datasets import data_root, label_mosaic  # noqa: E402
 from phenoscope.segment import compute_masks, masks_to_flows  # noqa: E402
 from phenoscope.testing import import_cellpose  # noqa: E402
 
@@ -44,7 +44,7 @@ def same_labels(a: np.ndarray, b: np.ndarray) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/dsb2018_train")
+    ap.add_argument("--data", type=Path, default=data_root() / "dsb2018_train")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(2)

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from phenoscope.datasets import data_root
 from phenoscope.ssl.augment import self_normalize
 from phenoscope.ssl.checkpoint import load_dinov2_backbone
 from phenoscope.ssl.data import cell_crops
 from phenoscope.ssl.embed import EmbedConfig, embed_crops
 
-DSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "dsb2018_train"
+DSB = data_root() / "dsb2018_train"
 
 
 def crops_5ch(n: int, size: int) -> np.ndarray:

@@ -15,7 +15,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from phenoscope.datasets import data_root
 
 
 def peak_rss_gb() -> float:
@@ -25,7 +26,7 @@ def peak_rss_gb() -> float:
 def make_image(size: int):
     import numpy as np
 
-    root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018_train"
+    root = data_root() / "dsb2018_train"
     if not root.exists():
         return np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
     from phenoscope.datasets import dsb_image, dsb_index
@@ -38,7 +39,7 @@ def make_image(size: int):
 def child(size: int, variant: str, batch_size: int, threads: int, masks: bool) -> None:
     import torch
 
-    from phenoscope.segment.model import CellposeSAM
+    from phenoscope.segment.inference import CellposeSAM
     from phenoscope.segment.net import build_net
 
     torch.set_num_threads(threads)

@@ -27,8 +27,8 @@ from scipy import ndimage as ndi
 from skimage.transform import rescale
 
 from phenoscope.cli.segment import parse_diameter
-from phenoscope.datasets import dsb_image, dsb_index, dsb_labels
-from phenoscope.metrics import average_precision, error_rate
+from phenoscope.datasets import data_root, dsb_image, dsb_index, dsb_labels
+from phenoscope.eval.segmentation import average_precision, error_rate
 from phenoscope.segment import load_model, segment_classic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def summarise(ap: np.ndarray, tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, gr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "dsb2018_train"))
+    parser.add_argument("--data", default=str(data_root() / "dsb2018_train"))
     parser.add_argument("--split", default=str(ROOT / "phenoscope" / "models" / "dsb2018_val_ids.txt"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--robustness", action="store_true", help="also evaluate the perturbations")

@@ -33,19 +33,17 @@ import torch
 from sklearn.linear_model import RidgeCV
 from sklearn.metrics import f1_score
 from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
-from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from phenoscope.profiling.classify import linear_probe_scores, select_c, stratified_fraction
+from phenoscope.datasets.jurkat import DNA_CHANNEL, load_jurkat
+from phenoscope.eval.probes import knn_scores, linear_probe_scores, select_c, stratified_fraction
 from phenoscope.ssl.augment import AugmentConfig, normalize_view, resize
 from phenoscope.ssl.backbone import CellViT
 from phenoscope.ssl.checkpoint import load_backbone
 
-DEFAULT_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "jurkat_cellcycle" / "jurkat_cellcycle_crops_40px.npz"
 # Floors measured by the lead (stratified 5-fold macro-F1): (LogReg, kNN).
 FLOORS = {"handcrafted": (0.816, 0.685), "raw": (0.664, 0.591), "random-vit": (0.602, 0.430)}
-DNA = 1  # channel order: brightfield, DNA, darkfield
 STANDARDIZE_KNN = {"handcrafted"}  # sums of ~1e5 grey levels beside eccentricities <= 1
 DNA_CONTENT = -4  # handcrafted column (from the end, so any channel count): the DNA object's integrated intensity
 
@@ -58,7 +56,7 @@ def handcrafted_features(images: np.ndarray) -> np.ndarray:
     x = images.astype(np.float32).reshape(len(images), images.shape[1], -1)
     stats = [x.mean(-1), x.std(-1), x.min(-1), x.max(-1), *np.percentile(x, [10, 50, 90], axis=-1), x.sum(-1)]
     shape = np.zeros((len(images), 11), dtype=np.float32)
-    for i, img in enumerate(images[:, DNA].astype(np.float32)):
+    for i, img in enumerate(images[:, DNA_CHANNEL].astype(np.float32)):
         lab = label(img > threshold_otsu(img))
         props = regionprops(lab, intensity_image=img)
         if not props:
@@ -98,12 +96,12 @@ def cross_validate(feats: np.ndarray, y: np.ndarray, fraction: float = 1.0, fold
         tr = train_idx[stratified_fraction(y[train_idx], fraction, seed + fold)]
         c = select_c(feats[tr], y[tr], seed=seed)[0]
         chosen.append(c)
-        knn = KNeighborsClassifier(n_neighbors=min(20, len(tr)), metric="cosine")
+        train_x, test_x = feats[tr], feats[test_idx]
         if knn_standardize:
-            knn = make_pipeline(StandardScaler(), knn)
-        knn.fit(feats[tr], y[tr])
+            scaler = StandardScaler().fit(train_x)
+            train_x, test_x = scaler.transform(train_x), scaler.transform(test_x)
         preds = {"logreg": linear_probe_scores(feats[tr], y[tr], feats[test_idx], len(classes), c, seed).argmax(1),
-                 "knn": knn.predict(feats[test_idx])}
+                 "knn": knn_scores(train_x, y[tr], test_x, len(classes), k=20, temperature=None).argmax(1)}
         for name, pred in preds.items():
             per_class[name].append(f1_score(y[test_idx], pred, average=None, labels=classes, zero_division=0))
     out: dict = {"logreg_C": chosen}
@@ -130,7 +128,7 @@ def training_augment(backbone_path: Path) -> AugmentConfig:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--npz", type=Path, default=DEFAULT_NPZ)
+    ap.add_argument("--npz", type=Path, default=None, help="the crops .npz (default: the shared data set)")
     ap.add_argument("--backbone", action="append", default=[], help="NAME=PATH to backbone.safetensors (repeatable)")
     ap.add_argument("--lowshot", action="store_true", help="also 1/5/10/100 %% label curves")
     ap.add_argument("--folds", type=int, default=5)
@@ -140,10 +138,8 @@ def main() -> None:
     ap.add_argument("--dna-content", action="store_true", help="also R² of predicting log DNA content from each feature set")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    with np.load(args.npz, allow_pickle=False) as z:
-        images, labels = z["images"], z["labels"]
-    y = np.unique(labels, return_inverse=True)[1]
-    names, counts = np.unique(labels, return_counts=True)
+    images, y, names = load_jurkat(args.npz)
+    counts = np.bincount(y)
     print(f"{len(y)} cells; classes: " + ", ".join(f"{n} {c}" for n, c in zip(names, counts)))
     t0 = time.time()
     feats: dict[str, np.ndarray] = {}

@@ -1,4 +1,4 @@
-"""Shared fixtures. Real data lives in ``../shared/data`` beside the repository.
+"""Shared fixtures. Real data lives in ``phenoscope.datasets.data_root()`` (``$PHENOSCOPE_DATA``, else ``../shared/data``).
 
 Tests that need it skip with a reason when it is absent, except under CI (``CI=true``),
 where its absence is a failure.
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("PHENOSCOPE_SHARED_DATA", REPO.parent / "shared" / "data"))
+from phenoscope.datasets import data_root
+
+SHARED_DATA = data_root()
 
 
 def require_data(*parts: str) -> Path:

@@ -94,7 +94,7 @@ SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob(
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=[p.stem for p in SHIPPED_CONFIGS])
 def test_every_shipped_config_loads_into_its_dataclass(path):
     """configs/pretrain_*.toml are ``phenoscope pretrain`` configs, the others ``phenoscope train`` ones."""
-    from phenoscope.segment.train import SegTrainConfig
+    from phenoscope.segment.training import SegTrainConfig
     from phenoscope.ssl.pretrain import PretrainConfig
 
     cls = PretrainConfig if path.stem.startswith("pretrain_") else SegTrainConfig

@@ -9,12 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_network import random_cpsam, truncated_state
 
 from phenoscope.datasets import dsb_image, dsb_index
 from phenoscope.segment.checkpoint import import_cellpose_state, save_model
-from phenoscope.segment.model import CellposeSAM, load_model, to_yxc
+from phenoscope.segment.inference import CellposeSAM, load_model
 from phenoscope.segment.net import build_net, variant
-from test_network import random_cpsam, truncated_state
+from phenoscope.segment.preprocess import to_yxc
 
 TOL = 1e-3
 RESIZE_TOL = 1e-3  # diameter resize: our torch bilinear vs cellpose's cv2 INTER_LINEAR

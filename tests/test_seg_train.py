@@ -15,19 +15,19 @@ import torch
 
 from phenoscope.core.io import imwrite_tiff
 from phenoscope.datasets import synthetic_nuclei
-from phenoscope.segment import augment as aug
 from phenoscope.segment.checkpoint import save_model
 from phenoscope.segment.flows import diameter, masks_to_flows
 from phenoscope.segment.net import build_net, variant
-from phenoscope.segment.train import (
+from phenoscope.segment.training import (
     CellposeLoss,
+    Sample,
     SegLoopConfig,
     SegmentationDataset,
-    Sample,
     cellpose_loss,
     find_pairs,
     load_training_image,
 )
+from phenoscope.segment.training import augment as aug
 from phenoscope.train.loop import train
 from phenoscope.train.schedules import step_schedule
 
@@ -291,7 +291,7 @@ def test_finetune_from_a_cellpose_checkpoint_with_the_paper_recipe(tmp_path):
 
 
 def test_gray_rgb_and_single_channel_give_the_same_input():
-    from phenoscope.segment.model import CellposeSAM
+    from phenoscope.segment.inference import CellposeSAM
 
     model = CellposeSAM(build_net(variant("tiny", **SMALL)), "cpu")
     img, _ = _labels()

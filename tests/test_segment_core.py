@@ -8,7 +8,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential
 
 from phenoscope.datasets import dsb_index, dsb_labels
-from phenoscope.metrics import average_precision, coco_ap, error_rate
+from phenoscope.eval.segmentation import average_precision, coco_ap, error_rate
 from phenoscope.segment import compute_masks, masks_to_flows
 
 N_IMAGES = 50

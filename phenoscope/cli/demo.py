@@ -16,7 +16,7 @@ def run_demo(out: Path, seed: int = 0, model: str = "default") -> dict[str, floa
     """
     from phenoscope.core.io import imwrite_tiff
     from phenoscope.datasets import synthetic_nuclei
-    from phenoscope.metrics import average_precision
+    from phenoscope.eval.segmentation import average_precision
     from phenoscope.segment import load_model, segment_classic
     from phenoscope.segment.outputs import write_cell_table, write_masks, write_overlay_png
 

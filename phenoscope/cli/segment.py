@@ -92,16 +92,14 @@ def _segmenter(args: argparse.Namespace) -> Callable[[np.ndarray], tuple]:
         from phenoscope.segment.classic import segment_classic
 
         return lambda image: (segment_classic(image, channel_axis=args.channel_axis, min_size=args.min_size), None, None, None)
-    from phenoscope.segment.model import load_model
+    from phenoscope.segment.inference import load_model
+    from phenoscope.segment.options import MaskOptions
 
     model = load_model(args.model, device=args.device)
 
     def run_model(image: np.ndarray):
-        res = model.segment(
-            image, channel_axis=args.channel_axis, diameter=args.diameter, flow_threshold=args.flow_threshold,
-            cellprob_threshold=args.cellprob_threshold, min_size=args.min_size, tile_overlap=args.tile_overlap,
-            batch_size=args.batch_size, tta=args.tta,
-        )
+        options = MaskOptions(args.flow_threshold, args.cellprob_threshold, args.min_size)
+        res = model.segment(image, args.channel_axis, args.diameter, options, args.tile_overlap, args.batch_size, args.tta)
         return res.masks, res.flows, res.cellprob, res.diameter
 
     return run_model
@@ -110,7 +108,7 @@ def _segmenter(args: argparse.Namespace) -> Callable[[np.ndarray], tuple]:
 def process_one(path: Path, segment: Callable, args: argparse.Namespace) -> int:
     """Segment one file and write its outputs; returns the number of cells."""
     from phenoscope.segment import outputs
-    from phenoscope.segment.model import to_yxc
+    from phenoscope.segment.preprocess import to_yxc
 
     image = imread(path)
     yxc = to_yxc(image, args.channel_axis, max_channels=image.size)  # validates axes; keeps all channels

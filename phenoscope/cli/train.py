@@ -31,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from phenoscope.config import from_dict, load_config, to_dict
-    from phenoscope.segment.train import SegLoopConfig, SegTrainConfig, train_segmentation
+    from phenoscope.segment.training import SegLoopConfig, SegTrainConfig, train_segmentation
 
     apply_threads(args)
     cfg = load_config(SegTrainConfig, args.config, model=args.model, val_ids=args.val_ids,

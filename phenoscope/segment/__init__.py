@@ -18,7 +18,7 @@ __all__ = ["compute_masks", "load_model", "masks_to_flows", "segment_classic"]
 def __getattr__(name: str):
     # The network stack imports torch/timm; keep ``import phenoscope.segment`` light.
     if name == "load_model":
-        from phenoscope.segment.model import load_model
+        from phenoscope.segment.inference import load_model
 
         return load_model
     raise AttributeError(f"module 'phenoscope.segment' has no attribute {name!r}")

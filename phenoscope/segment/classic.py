@@ -9,21 +9,16 @@ from skimage.filters import gaussian, threshold_otsu
 from skimage.morphology import remove_small_objects
 from skimage.segmentation import relabel_sequential, watershed
 
+from phenoscope.core.axes import channels_last
 from phenoscope.core.normalize import normalize_percentile
 
 
 def to_gray(image: np.ndarray, channel_axis: int | None = None) -> np.ndarray:
     """(H, W[, C]) image → (H, W) float32 in [0, ~1]: per-channel percentile normalisation, then mean."""
     image = np.asarray(image)
-    if channel_axis is None and image.ndim == 3 and image.shape[-1] <= 4:
-        channel_axis = -1
-    if image.ndim == 3 and channel_axis is None:
-        raise ValueError(f"cannot tell the channel axis of a 3D image of shape {image.shape}; pass channel_axis")
-    norm = normalize_percentile(image, channel_axis=channel_axis)
-    gray = norm.mean(axis=channel_axis) if channel_axis is not None else norm
-    if gray.ndim != 2:
-        raise ValueError(f"expected a 2D image (with optional channel axis), got shape {image.shape}")
-    return gray.astype(np.float32)
+    if image.ndim == 2 and channel_axis is None:
+        return normalize_percentile(image).astype(np.float32)
+    return normalize_percentile(channels_last(image, channel_axis), channel_axis=-1).mean(axis=-1).astype(np.float32)
 
 
 def segment_classic(

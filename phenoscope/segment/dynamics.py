@@ -262,18 +262,12 @@ def _euler_torch(im: torch.Tensor, pt: torch.Tensor, niter: int) -> torch.Tensor
     return pt.reshape(-1, pt.shape[-1])
 
 
-def follow_flows(dP: np.ndarray, inds: tuple[np.ndarray, ...], niter: int = 200) -> torch.Tensor:
-    """Final positions (ndim, N) of the pixels ``inds`` after ``niter`` Euler steps through ``dP``.
+def _follow(dP: np.ndarray, fg: np.ndarray, inds: tuple[np.ndarray, ...], niter: int) -> torch.Tensor:
+    """Final positions (ndim, N) of the pixels ``inds`` after ``niter`` Euler steps through the flow
+    ``dP * fg / 5.0`` (pixels per step), without materialising the masked flows in 2D.
 
-    ``dP`` (ndim, *shape) is the flow in pixels per step. Positions are normalised to [-1, 1]
-    with the align_corners=True convention but sampled with align_corners=False, as cellpose does.
-    """
-    return _follow(dP, None, inds, niter)
-
-
-def _follow(dP: np.ndarray, fg: np.ndarray | None, inds: tuple[np.ndarray, ...], niter: int) -> torch.Tensor:
-    """``follow_flows(dP * fg / 5.0, inds, niter)`` (just ``dP`` if ``fg`` is None), without
-    materialising the masked flows in 2D. In 2D the compiled kernel runs when it reproduces the
+    Positions are normalised to [-1, 1] with the align_corners=True convention but sampled with
+    align_corners=False, as cellpose does. In 2D the compiled kernel runs when it reproduces the
     local torch's rounding; otherwise (and in 3D) cellpose's torch loop runs."""
     global _FAST_2D
     shape = dP.shape[1:]
@@ -290,12 +284,12 @@ def _follow(dP: np.ndarray, fg: np.ndarray | None, inds: tuple[np.ndarray, ...],
         _FAST_2D = _kernel_matches_torch()
     if ndim == 2 and _FAST_2D:
         scale = [np.float32(2.0 / size[k]) for k in range(ndim)]
-        im = _padded_flow_image(dP, _NO_MASK if fg is None else fg, fg is not None, scale[0], scale[1])
+        im = _padded_flow_image(dP, fg, True, scale[0], scale[1])
         pt = torch.from_numpy(_follow_2d(im, shape[0], shape[1], pt.numpy(), niter, numba.get_num_threads()))
     else:
         im = torch.zeros((1, ndim, *shape), dtype=torch.float32)
         for n in range(ndim):
-            im[0, ndim - n - 1] = torch.from_numpy(dP[n] if fg is None else dP[n] * fg / 5.0)
+            im[0, ndim - n - 1] = torch.from_numpy(dP[n] * fg / 5.0)
         for k in range(ndim):
             im[:, k] *= 2.0 / size[k]
         pt = _euler_torch(im, pt.view(*[1] * ndim, -1, ndim), niter)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from phenoscope.core.axes import channels_first, layout_axis
 from phenoscope.core.io import imread
 from phenoscope.ssl.augment import AugmentConfig, multi_crop
 from phenoscope.ssl.masking import batch_masks
@@ -43,18 +44,9 @@ class ArraySource:
 
 
 def to_cyx(arr: np.ndarray, layout: str = "auto") -> np.ndarray:
-    """(H, W), (C, H, W) or (H, W, C) → (C, H, W). ``auto`` takes the smallest axis as channels."""
-    if arr.ndim == 2:
-        return arr[None]
-    if arr.ndim != 3:
-        raise ValueError(f"expected a 2-D or 3-D image, got shape {arr.shape}")
-    if layout == "auto":
-        layout = "YXC" if arr.shape[-1] < arr.shape[0] else "CYX"
-    if layout == "CYX":
-        return arr
-    if layout == "YXC":
-        return np.moveaxis(arr, -1, 0)
-    raise ValueError(f"layout must be 'CYX', 'YXC' or 'auto', got {layout!r}")
+    """(H, W), (C, H, W) or (H, W, C) → (C, H, W); ``auto`` guesses the channel axis
+    (:func:`phenoscope.core.axes.guess_channel_axis`)."""
+    return channels_first(arr, layout_axis(layout))
 
 
 class FileSource:

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from phenoscope.core.normalize import normalize_percentile
 from phenoscope.core.tiling import TileGrid, blend_tile, flip_tile, read_tile, taper_mask, tile_grid, unflip_output
 from phenoscope.segment.flows import diameter as median_diameter
 from phenoscope.segment.net import CellposeSAMNet
-
-MIN_SIDE = 16  # px; smaller images cannot hold a cell of min_size at the network's scale
+from phenoscope.segment.options import MaskOptions
+from phenoscope.segment.preprocess import network_input, resize_chw
 
 
 @dataclass
@@ -34,60 +32,6 @@ class SegmentResult:
     flows: np.ndarray  # (2, H, W) float32 (dY, dX) at the network's scale (≈ 5 × unit flows)
     cellprob: np.ndarray  # (H, W) float32 cell-probability logits
     diameter: float | None = None  # px: the cell diameter the image was resized for (given or estimated)
-
-
-def to_yxc(image: np.ndarray, channel_axis: int | None = None, max_channels: int = 3) -> np.ndarray:
-    """View an image as (H, W, C) with C ≤ ``max_channels`` (the first channels are kept).
-
-    YX images get one channel. For 3D arrays without ``channel_axis`` the channel axis is guessed as
-    cellpose does: the first axis if it is shorter than the last, else the last.
-    """
-    image = np.asarray(image)
-    if image.ndim == 2:
-        if channel_axis is not None:
-            raise ValueError(f"channel_axis={channel_axis} given for a 2D (YX) image of shape {image.shape}")
-        image = image[..., None]
-    elif image.ndim == 3:
-        if channel_axis is None:
-            channel_axis = 0 if image.shape[0] < image.shape[-1] else 2
-        if not -3 <= channel_axis < 3:
-            raise ValueError(f"channel_axis={channel_axis} is out of range for an image of shape {image.shape}")
-        image = np.moveaxis(image, channel_axis, -1)
-    else:
-        raise ValueError(f"expected a 2D image (YX, YXC or CYX), got shape {image.shape}")
-    if image.dtype.kind not in "biuf":
-        raise ValueError(f"unsupported image dtype {image.dtype}")
-    if min(image.shape[:2]) < MIN_SIDE:
-        raise ValueError(
-            f"image is {image.shape[0]}×{image.shape[1]} px (channel_axis={channel_axis}, shape {image.shape}); "
-            f"need at least {MIN_SIDE}×{MIN_SIDE} — is the channel axis right?"
-        )
-    return image[..., :max_channels]
-
-
-def merge_identical_channels(image: np.ndarray) -> np.ndarray:
-    """(H, W, C) → (H, W, 1) when every channel equals the first (a gray image saved as RGB), else as is."""
-    if image.shape[-1] > 1 and all(np.array_equal(image[..., 0], image[..., c]) for c in range(1, image.shape[-1])):
-        return image[..., :1]
-    return image
-
-
-def network_input(image: np.ndarray, channel_axis: int | None, in_chans: int, merge_identical: bool) -> np.ndarray:
-    """(C ≤ in_chans, H, W) float32 as the network sees an image: its first ``in_chans`` channels
-    (a gray image stored as identical planes merged to one if ``merge_identical``), each 1–99 %
-    percentile-normalised. Raises ``ValueError`` on bad axes or NaN/inf."""
-    x = to_yxc(image, channel_axis, in_chans)
-    if merge_identical:
-        x = merge_identical_channels(x)
-    return np.moveaxis(normalize_percentile(x, channel_axis=-1), -1, 0)
-
-
-def resize_chw(x: np.ndarray, ly: int, lx: int) -> np.ndarray:
-    """Bilinear resize of a (C, H, W) float32 array (half-pixel centres, no antialias: cv2 INTER_LINEAR)."""
-    if x.shape[-2:] == (ly, lx):
-        return x
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
-    return F.interpolate(t, size=(ly, lx), mode="bilinear", align_corners=False)[0].numpy()
 
 
 def _batches(grid: TileGrid, size: int) -> Iterator[list[tuple[int, int, int, int]]]:
@@ -173,39 +117,41 @@ class CellposeSAM:
         image: np.ndarray,
         channel_axis: int | None = None,
         diameter: float | str | None = None,
-        flow_threshold: float = 0.4,
-        cellprob_threshold: float = 0.0,
-        min_size: int = 15,
+        options: MaskOptions | None = None,
         tile_overlap: float = 0.1,
         batch_size: int = 8,
         tta: bool = False,
     ) -> SegmentResult:
-        """Segment one 2D image (YX, YXC or CYX; see :func:`to_yxc`) into a label image.
+        """Segment one 2D image (YX, YXC or CYX; see :func:`phenoscope.segment.preprocess.to_yxc`) into a label image.
 
         ``diameter``: None segments at native size; a number (px) resizes cells of that size to the
         network's 30 px; ``"auto"`` segments at native size, estimates the diameter from those masks
         (cellpose's 2·sqrt(median area / π)), then segments again resized by it (at most 4× either way).
+        ``options``: how flows become masks (default :class:`MaskOptions()`, cellpose's defaults).
         """
-        from phenoscope.segment.dynamics import compute_masks
-
+        options = options or MaskOptions()
         if isinstance(diameter, str):
             if diameter != "auto":
                 raise ValueError(f"diameter must be a number of px, None or 'auto', got {diameter!r}")
-            options = {"flow_threshold": flow_threshold, "cellprob_threshold": cellprob_threshold, "min_size": min_size,
-                       "tile_overlap": tile_overlap, "batch_size": batch_size, "tta": tta}
-            first = self.segment(image, channel_axis, None, **options)
+            first = self.segment(image, channel_axis, None, options, tile_overlap, batch_size, tta)
             estimate = median_diameter(first.masks)
             if estimate <= 0:  # no cells: nothing to measure
                 return first
             d = float(np.clip(estimate, self.cfg.diam_mean / 4, self.cfg.diam_mean * 4))
-            return self.segment(image, channel_axis, d, **options)
+            return self.segment(image, channel_axis, d, options, tile_overlap, batch_size, tta)
         flows, cellprob = self.predict(image, channel_axis, diameter, tile_overlap, batch_size, tta)
-        niter = int(200 / self.rescale(diameter))  # cellpose scales the Euler steps with the resize
-        masks = compute_masks(
-            flows, cellprob, niter=niter, cellprob_threshold=cellprob_threshold,
-            flow_threshold=flow_threshold, min_size=min_size,
-        )
-        return SegmentResult(masks=masks, flows=flows, cellprob=cellprob, diameter=diameter)
+        return SegmentResult(masks=self.masks(flows, cellprob, diameter, options), flows=flows, cellprob=cellprob,
+                             diameter=diameter)
+
+    def masks(self, flows: np.ndarray, cellprob: np.ndarray, diameter: float | None = None,
+              options: MaskOptions | None = None) -> np.ndarray:
+        """Label image (H, W) from this model's flows (2, H, W) and cellprob (H, W) predicted for ``diameter``
+        (the Euler steps scale with the resize, as in cellpose). Re-running only this step with new
+        ``options`` is cellpose's "recompute masks"."""
+        from phenoscope.segment.dynamics import compute_masks
+
+        niter = int(200 / self.rescale(diameter))
+        return compute_masks(flows, cellprob, niter=niter, **(options or MaskOptions()).kwargs())
 
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default.safetensors"

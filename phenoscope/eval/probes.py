@@ -23,16 +23,22 @@ LOW_SHOT_FRACTIONS = (0.01, 0.02, 0.05, 0.10, 0.20, 0.50, 1.00)
 PROBE_C = (1.0, 0.1, 0.01)  # linear-probe C grid (inverse L2 strength), searched on held-out training data
 
 
-def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, k: int = 20, temperature: float = 0.07) -> np.ndarray:
-    """DINO-style kNN: top-k cosine neighbours vote with weight exp(similarity / temperature)."""
-    if k < 1 or temperature <= 0:
-        raise ValueError("k must be ≥ 1 and temperature > 0")
+def knn_scores(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_classes: int, k: int = 20,
+    temperature: float | None = 0.07,
+) -> np.ndarray:
+    """Cosine kNN class scores (n_test, n_classes): the top-``k`` cosine neighbours vote with weight
+    exp(similarity / ``temperature``) (DINO's kNN), or one vote each when ``temperature`` is None
+    (a majority vote: the argmax equals scikit-learn's ``KNeighborsClassifier(metric="cosine")``,
+    ties going to the lowest class id). ``k`` is capped at the training-set size."""
+    if k < 1 or (temperature is not None and temperature <= 0):
+        raise ValueError("k must be ≥ 1 and temperature > 0 (or None)")
     a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
     b = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
     sim = b @ a.T
     k = min(k, len(train_x))
     idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-    w = np.exp(np.take_along_axis(sim, idx, axis=1) / temperature)
+    w = np.ones(idx.shape) if temperature is None else np.exp(np.take_along_axis(sim, idx, axis=1) / temperature)
     scores = np.zeros((len(test_x), n_classes))
     np.add.at(scores, (np.repeat(np.arange(len(test_x)), k), train_y[idx].ravel()), w.ravel())
     return scores / scores.sum(axis=1, keepdims=True)
@@ -87,28 +93,6 @@ def mlp_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, n_c
     model = make_pipeline(StandardScaler(), mlp)
     model.fit(train_x, train_y)
     return _expand(model.predict_proba(test_x), model.classes_, n_classes)
-
-
-def fit_class_thresholds(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Per-class thresholds (n_classes,) maximising each class's one-vs-rest F1 on validation data.
-
-    ``y`` is (n,) class ids or an (n, n_classes) multi-label indicator matrix.
-    """
-    onehot = y if y.ndim == 2 else label_binarize(y, classes=np.arange(scores.shape[1])).reshape(len(y), -1)
-    thresholds = np.full(scores.shape[1], 0.5)
-    for c in range(scores.shape[1]):
-        cand = np.unique(scores[:, c])
-        if onehot[:, c].any() and cand.size:
-            f1 = [f1_score(onehot[:, c], scores[:, c] >= t, zero_division=0) for t in cand]
-            thresholds[c] = cand[int(np.argmax(f1))]
-    return thresholds
-
-
-def apply_thresholds(scores: np.ndarray, thresholds: np.ndarray, multilabel: bool = False) -> np.ndarray:
-    """Multi-label: indicator ``scores ≥ t``. Single-label: argmax of ``scores / t``."""
-    if multilabel:
-        return (scores >= thresholds).astype(int)
-    return np.argmax(scores / np.maximum(thresholds, 1e-12), axis=1)
 
 
 def classification_metrics(y: np.ndarray, scores: np.ndarray, pred: np.ndarray | None = None) -> dict[str, float]:

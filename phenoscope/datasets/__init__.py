@@ -1,0 +1,11 @@
+"""Loaders for the public data sets we develop and evaluate on, and a generated sample.
+
+``data_root()`` is ``$PHENOSCOPE_DATA`` or ``../shared/data`` beside the source checkout.
+"""
+
+from phenoscope.datasets.dsb import dsb_image, dsb_index, dsb_labels, label_mosaic
+from phenoscope.datasets.jurkat import load_jurkat
+from phenoscope.datasets.root import data_root, dataset_path
+from phenoscope.datasets.synthetic import synthetic_nuclei
+
+__all__ = ["data_root", "dataset_path", "dsb_image", "dsb_index", "dsb_labels", "label_mosaic", "load_jurkat", "synthetic_nuclei"]

@@ -1,0 +1,138 @@
+"""Training data for segmentation: image/label pairing, flows computed once and cached, the
+validation split, and the dataset of augmented tiles."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from phenoscope.core.io import IMAGE_SUFFIXES, atomic_path, imread, label_file_for
+from phenoscope.segment.flows import diameter
+from phenoscope.segment.net import NetConfig
+from phenoscope.segment.preprocess import network_input
+from phenoscope.segment.training.augment import SegAugmentConfig, augment_sample
+
+
+@dataclass
+class Sample:
+    """One training image: normalised (3, H, W) image, (2, H, W) unit flows, labels and diameter."""
+
+    image: np.ndarray
+    flows: np.ndarray
+    labels: np.ndarray
+    diameter: float
+
+
+def find_pairs(images: str | Path, labels: str | Path) -> list[tuple[Path, Path]]:
+    """Match every image in ``images`` to ``labels/<stem>{,_masks,_labels,...}.<ext>``; error lists the unmatched."""
+    images, labels = Path(images), Path(labels)
+    for d in (images, labels):
+        if not d.is_dir():
+            raise FileNotFoundError(f"not a folder: {d}")
+    pairs, missing = [], []
+    for img in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        lab = label_file_for(img, labels)
+        (pairs.append((img, lab)) if lab is not None else missing.append(img.name))
+    if missing:
+        raise ValueError(f"{len(missing)} image(s) have no label file in {labels}: {', '.join(missing[:5])}"
+                         + (" ..." if len(missing) > 5 else ""))
+    if not pairs:
+        raise ValueError(f"no images found in {images}")
+    return pairs
+
+
+def load_training_image(path: Path, in_chans: int = 3, merge_identical: bool = True) -> np.ndarray:
+    """(in_chans, H, W) float32, each channel 1–99 % normalised, zero-padded to ``in_chans``.
+
+    Prepared exactly as at inference (:func:`phenoscope.segment.preprocess.network_input`): with
+    ``merge_identical`` a gray image saved as RGB(A) becomes one channel.
+    """
+    x = network_input(imread(path), None, in_chans, merge_identical)
+    out = np.zeros((in_chans, *x.shape[1:]), np.float32)
+    out[: x.shape[0]] = x
+    return out
+
+
+def cached_flows(labels: np.ndarray, cache_dir: Path | None) -> np.ndarray:
+    """Unit flows (2, H, W) of a label image, read from / written to ``cache_dir`` (keyed by content)."""
+    from phenoscope.segment.flows import masks_to_flows
+
+    if cache_dir is None:
+        return masks_to_flows(labels)
+    key = hashlib.sha1(np.ascontiguousarray(labels).tobytes() + str(labels.shape).encode()).hexdigest()[:20]
+    path = cache_dir / f"{key}.npy"
+    if path.exists():
+        return np.load(path)
+    flows = masks_to_flows(labels).astype(np.float32)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, flows)
+    return flows
+
+
+def load_samples(
+    pairs: list[tuple[Path, Path]], cache_dir: Path | None, net_cfg: NetConfig, progress: bool = True
+) -> list[Sample]:
+    """Load every pair (image, labels); bad files are collected and reported together."""
+    from tqdm.auto import tqdm
+
+    from phenoscope.segment.flows import check_labels
+
+    samples, errors = [], []
+    for img_path, lab_path in tqdm(pairs, desc="load + flows", unit="image", disable=not progress, leave=False):
+        try:
+            image = load_training_image(img_path, net_cfg.in_chans, net_cfg.merge_identical_channels)
+            labels = imread(lab_path)
+            if labels.ndim != 2 or labels.shape != image.shape[1:]:
+                raise ValueError(f"label image {lab_path.name} has shape {labels.shape}, image is {image.shape[1:]}")
+            labels = check_labels(labels, f"label image {lab_path.name}").astype(np.int32)
+            samples.append(Sample(image, cached_flows(labels, cache_dir), labels, diameter(labels)))
+        except (ValueError, OSError) as err:
+            errors.append(f"{img_path.name}: {err}")
+    if errors:
+        raise ValueError(f"{len(errors)} training pair(s) could not be used:\n  " + "\n  ".join(errors))
+    return samples
+
+
+def split_pairs(pairs: list[tuple[Path, Path]], val_ids: str = "", val_fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
+    """(train, val) pairs: the stems listed in the file ``val_ids``, else a ``val_fraction`` drawn with ``seed``."""
+    if val_ids:
+        wanted = {s.strip() for s in Path(val_ids).read_text().splitlines() if s.strip() and not s.startswith("#")}
+        unknown = wanted - {p[0].stem for p in pairs}
+        if unknown:
+            raise ValueError(f"{len(unknown)} validation id(s) in {val_ids} have no image, e.g. {sorted(unknown)[:3]}")
+        val = [p for p in pairs if p[0].stem in wanted]
+    else:
+        n_val = int(round(val_fraction * len(pairs)))
+        rng = np.random.default_rng(seed)
+        chosen = set(rng.choice(len(pairs), size=n_val, replace=False).tolist()) if n_val else set()
+        val = [p for i, p in enumerate(pairs) if i in chosen]
+    val_set = {p[0] for p in val}
+    return [p for p in pairs if p[0] not in val_set], val
+
+
+class SegmentationDataset(Dataset):
+    """Augmented tiles of :class:`Sample` s; tile ``i`` of epoch ``e`` is a pure function of (seed, e, i)."""
+
+    def __init__(self, samples: list[Sample], cfg: SegAugmentConfig, tile: int, seed: int = 0, min_len: int = 8) -> None:
+        if not samples:
+            raise ValueError("no training images")
+        self.samples, self.cfg, self.tile, self.seed, self.epoch = samples, cfg, tile, seed, 0
+        self.length = max(len(samples), min_len)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        s = self.samples[i % len(self.samples)]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        image, target = augment_sample(s.image, s.flows, s.labels > 0, s.diameter, self.tile, rng, self.cfg)
+        return {"image": torch.from_numpy(image), "target": torch.from_numpy(target)}

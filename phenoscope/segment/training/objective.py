@@ -1,0 +1,60 @@
+"""The segmentation objective for the training loop: cellpose's loss with seeded layer drop, and validation AP."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phenoscope.segment.net import CellposeSAMNet
+from phenoscope.segment.training.data import Sample
+
+
+def cellpose_loss(y: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cellpose ``_loss_fn_seg``: (MSE(y[:, :2], 5·flows) / 2, BCE-with-logits(y[:, 2], foreground)).
+
+    y: (B, 3, H, W) network output (dY, dX, cellprob logits); target: (B, 3, H, W) (foreground, dY, dX).
+    """
+    flow = F.mse_loss(y[:, :2], 5.0 * target[:, 1:]) / 2.0
+    prob = F.binary_cross_entropy_with_logits(y[:, 2], (target[:, 0] > 0.5).to(y.dtype))
+    return flow, prob
+
+
+class CellposeLoss(nn.Module):
+    """Objective for the generic loop: the cellpose loss with per-step seeded layer drop, plus validation."""
+
+    find_unused_parameters = True  # layer drop skips blocks
+
+    def __init__(self, net: CellposeSAMNet, layer_drop: float = 0.0, seed: int = 0,
+                 val: list[Sample] | None = None, val_every: int = 0) -> None:
+        super().__init__()
+        self.net, self.layer_drop, self.seed = net, layer_drop, seed
+        self.val, self.val_every = val or [], val_every
+
+    def forward(self, batch: dict[str, torch.Tensor], progress) -> dict[str, torch.Tensor]:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + progress.step) * 64 + rank)
+        y = self.net(batch["image"], self.layer_drop, gen)
+        flow, prob = cellpose_loss(y.float(), batch["target"])
+        return {"loss": flow + prob, "flow_loss": flow.detach(), "prob_loss": prob.detach()}
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float] | None:
+        last = epoch + 1
+        if not self.val or not self.val_every or last % self.val_every:
+            return None
+        return validate(self.net, self.val)
+
+
+def validate(net: CellposeSAMNet, samples: list[Sample], thresholds=(0.5, 0.75, 0.9)) -> dict[str, float]:
+    """Mean AP (cellpose definition) of ``net`` on validation samples, at their native size."""
+    from phenoscope.eval.segmentation import average_precision
+    from phenoscope.segment.inference import CellposeSAM
+
+    device = next(net.parameters()).device
+    model = CellposeSAM(net, device)
+    preds = [model.segment(np.moveaxis(s.image, 0, -1), channel_axis=-1).masks for s in samples]
+    ap = average_precision([s.labels for s in samples], preds, thresholds)[0].mean(axis=0)
+    return {f"val_ap{int(round(100 * t))}": float(a) for t, a in zip(thresholds, ap)}
