@@ -7,8 +7,11 @@
 - field-of-view mode embeds each image (optionally centre-cropped); single-cell mode
   (``cfg.crop_size > 0`` with label masks, e.g. from ``phenoscope segment``) embeds a square crop
   centred on every cell;
-- every crop is self-normalised per channel (Cell-DINO's evaluation transform); features are the
-  class token ⊕ mean patch token (:meth:`CellViT.embed`; ``n_last_blocks`` > 1 adds earlier class tokens);
+- every crop is normalised as the checkpoint records (:class:`~phenoscope.core.checkpoint.Preprocessing`:
+  fixed dataset statistics, or self-normalisation per channel, Cell-DINO's evaluation transform, which is
+  also what dinov2-format files get); a bag-of-channels backbone embeds every channel separately;
+  features are the class token ⊕ mean patch token (:meth:`CellViT.embed`; ``n_last_blocks`` > 1 adds
+  earlier class tokens);
 - each image's rows go to ``parts/<n>.parquet`` atomically as soon as it is done, so a killed run
   restarts where it stopped and ends with exactly one row per cell; bad images are reported at the end;
 - the parts are gathered into ``embeddings.parquet`` (``Metadata_*`` columns + ``f0…``) and
@@ -32,8 +35,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from phenoscope.config import to_dict
 from phenoscope.core.io import atomic_path, atomic_write, imread
-from phenoscope.ssl.augment import self_normalize
-from phenoscope.ssl.backbone import CellViT
+from phenoscope.core.checkpoint import Preprocessing
+from phenoscope.ssl.augment import normalize_input
+from phenoscope.ssl.backbone import BagOfChannels, CellViT
 from phenoscope.ssl.data import cell_crops, to_cyx
 
 OUTPUT_FORMATS = ("h5ad", "zarr")
@@ -47,27 +51,32 @@ class EmbedConfig:
     mask_background: bool = False  # single-cell: zero pixels outside the crop's own cell
     center_crop: int = 0  # field-of-view mode: centre crop of this size (0 = whole image)
     n_last_blocks: int = 1  # class tokens of the last n blocks (then the mean patch token)
-    normalize: str = "channel"  # self-normalisation of every crop: channel | image
+    normalize: str = ""  # "" = as the checkpoint records; or override: channel | image (self-normalisation)
     layout: str = "auto"  # image axes: CYX, YXC or auto (smallest axis = channels)
     batch_size: int = 64  # crops per forward pass
     num_workers: int = 0  # image-loading processes
     output_format: str = "h5ad"  # AnnData file beside the Parquet table: h5ad | zarr
 
 
-def load_embedder(path: str | Path) -> CellViT:
-    """A backbone from our ``save_backbone`` safetensors, or from a dinov2/Cell-DINO checkpoint."""
-    from phenoscope.ssl.checkpoint import load_backbone, load_dinov2_backbone
+def load_embedder(path: str | Path) -> tuple[CellViT | BagOfChannels, Preprocessing]:
+    """A backbone and its input preprocessing: from our checkpoint (``phenoscope pretrain``), or from a
+    dinov2 / Cell-DINO file (then per-channel self-normalisation). A bag-of-channels checkpoint comes
+    back wrapped in :class:`BagOfChannels`."""
+    from phenoscope.core.checkpoint import read_metadata
+    from phenoscope.ssl.checkpoint import load_backbone_checkpoint, load_dinov2_backbone
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    if path.suffix == ".safetensors" and read_metadata(path):
+        backbone, prep = load_backbone_checkpoint(path)
+        return (BagOfChannels(backbone) if prep.bag_of_channels else backbone), prep
+    return load_dinov2_backbone(path), Preprocessing()
 
-        with safe_open(str(path), framework="pt") as fh:
-            if "vit_config" in (fh.metadata() or {}):
-                return load_backbone(path)
-    return load_dinov2_backbone(path)
+
+def input_channels(model: CellViT | BagOfChannels) -> int | None:
+    """Channels the model takes (None: any, bag of channels)."""
+    return None if isinstance(model, BagOfChannels) else model.cfg.in_chans
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -80,10 +89,10 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def image_crops(image_path: Path, mask_path: Path | None, cfg: EmbedConfig, in_chans: int) -> tuple[np.ndarray, pd.DataFrame]:
+def image_crops(image_path: Path, mask_path: Path | None, cfg: EmbedConfig, in_chans: int | None) -> tuple[np.ndarray, pd.DataFrame]:
     """The crops (n, C, s, s) of one image and their ``Metadata_*`` rows."""
     image = to_cyx(imread(image_path), cfg.layout).astype(np.float32)
-    if image.shape[0] != in_chans:
+    if in_chans is not None and image.shape[0] != in_chans:
         raise ValueError(f"image has {image.shape[0]} channels (layout {cfg.layout}, shape {image.shape}); the model needs {in_chans}")
     if not np.isfinite(image).all():
         raise ValueError("image contains NaN or inf values")
@@ -106,7 +115,7 @@ def image_crops(image_path: Path, mask_path: Path | None, cfg: EmbedConfig, in_c
 class _Crops(Dataset):
     """Item n: (n, crops, obs, error message) of image n, loaded in a worker."""
 
-    def __init__(self, items: list[tuple[int, Path, Path | None]], cfg: EmbedConfig, in_chans: int) -> None:
+    def __init__(self, items: list[tuple[int, Path, Path | None]], cfg: EmbedConfig, in_chans: int | None) -> None:
         self.items, self.cfg, self.in_chans = items, cfg, in_chans
 
     def __len__(self) -> int:
@@ -126,12 +135,19 @@ def _as_is(item):
 
 
 @torch.inference_mode()
-def embed_crops(model: CellViT, crops: np.ndarray, cfg: EmbedConfig, device: torch.device) -> np.ndarray:
-    """(n, C, s, s) crops → (n, F) float32 features, in batches of ``cfg.batch_size``."""
+def embed_crops(
+    model: CellViT | BagOfChannels, crops: np.ndarray, cfg: EmbedConfig, device: torch.device,
+    prep: Preprocessing | None = None,
+) -> np.ndarray:
+    """(n, C, s, s) crops → (n, F) float32 features, in batches of ``cfg.batch_size``, each crop
+    normalised as ``prep`` records (default: self-normalised per channel) unless ``cfg.normalize`` overrides."""
+    prep = prep or Preprocessing()
+    mode = cfg.normalize or prep.normalize
     out = []
     for start in range(0, len(crops), cfg.batch_size):
         x = torch.from_numpy(crops[start : start + cfg.batch_size]).to(device)
-        out.append(model.embed(self_normalize(x, cfg.normalize), cfg.n_last_blocks).float().cpu().numpy())
+        x = normalize_input(x, mode, prep.channel_mean, prep.channel_std)
+        out.append(model.embed(x, cfg.n_last_blocks).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -169,7 +185,8 @@ def embed_images(
     model_path, out_dir = Path(model_path), Path(out_dir)
     masks = masks if masks is not None else [None] * len(images)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_embedder(model_path).to(dev).eval()
+    model, prep = load_embedder(model_path)
+    model = model.to(dev).eval()
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     key = _run_key(model_path, cfg, images, masks)
@@ -179,14 +196,14 @@ def embed_images(
     with atomic_write(state_file, "w") as fh:
         json.dump({"key": key, "model": str(model_path), "config": to_dict(cfg)}, fh, indent=2)
     todo = [(n, im, mk) for n, (im, mk) in enumerate(zip(images, masks)) if not (parts / f"{n:07d}.parquet").exists()]
-    loader = DataLoader(_Crops(todo, cfg, model.cfg.in_chans), batch_size=None, num_workers=cfg.num_workers,
+    loader = DataLoader(_Crops(todo, cfg, input_channels(model)), batch_size=None, num_workers=cfg.num_workers,
                         collate_fn=_as_is)
     failures = []
     for n, crops, obs, error in tqdm(loader, total=len(todo), desc="embed", unit="image", disable=not progress):
         if error:
             failures.append(error)
             continue
-        feats = embed_crops(model, crops, cfg, dev)
+        feats = embed_crops(model, crops, cfg, dev, prep)
         table = pd.concat([obs, pd.DataFrame(feats, columns=[f"f{j}" for j in range(feats.shape[1])])], axis=1)
         with atomic_path(parts / f"{n:07d}.parquet") as tmp:
             table.to_parquet(tmp, index=False)

@@ -175,11 +175,9 @@ def save_checkpoint(out_dir: Path, objective: nn.Module, opt: torch.optim.Optimi
 
     ``epoch`` is the epoch to continue with and ``batch`` the number of its batches already done.
     """
-    from safetensors.torch import save_file
+    from phenoscope.core.checkpoint import save_weights
 
-    state = {k: v.detach().contiguous().cpu() for k, v in objective.state_dict().items()}
-    with atomic_path(out_dir / CHECKPOINT) as tmp:
-        save_file(state, str(tmp))
+    save_weights(out_dir / CHECKPOINT, objective.state_dict())
     with atomic_path(out_dir / TRAINER_STATE) as tmp:
         torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "batch": batch}, tmp)
 
