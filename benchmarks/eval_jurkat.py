@@ -14,7 +14,7 @@ side by side in one run:
   token (``NAME``) and class token + mean patch token (``NAME+avg``).
 
 Images go through `phenoscope embed`'s path with the preprocessing each checkpoint records.
-The lead's floors are printed next to our numbers, with ratios. ``--dna-content`` also reports how
+Reference figures are printed next to our numbers, with ratios. ``--dna-content`` also reports how
 well each feature set predicts the cell's DNA content (log integrated intensity of the DNA object,
 the cue that separates G1, S and G2): 5-fold R² of a ridge regression.
 
@@ -44,8 +44,8 @@ from phenoscope.ssl.backbone import CellViT
 from phenoscope.ssl.checkpoint import load_backbone_checkpoint
 from phenoscope.ssl.embed import EmbedConfig, embed_crops
 
-# Floors measured by the lead (stratified 5-fold macro-F1): (LogReg, kNN).
-FLOORS = {"handcrafted": (0.816, 0.685), "raw": (0.664, 0.591), "random-vit": (0.602, 0.430)}
+# Reference figures (stratified 5-fold macro-F1): (LogReg, kNN).
+REFERENCE = {"handcrafted": (0.816, 0.685), "raw": (0.664, 0.591), "random-vit": (0.602, 0.430)}
 STANDARDIZE_KNN = {"handcrafted"}  # sums of ~1e5 grey levels beside eccentricities <= 1
 DNA_CONTENT = -4  # handcrafted column (from the end, so any channel count): the DNA object's integrated intensity
 
@@ -145,11 +145,11 @@ def main() -> None:
         feats[name], feats[f"{name}+avg"] = out["cls"], out["cls+avg"]
     print(f"features in {time.time() - t0:.0f} s: " + ", ".join(f"{k} {v.shape[1]}" for k, v in feats.items()))
     results = {k: cross_validate(v, y, 1.0, args.folds, args.seed, k in STANDARDIZE_KNN) for k, v in feats.items()}
-    print("\nstratified 5-fold macro-F1 (ratio = ours / lead's floor for that row, where one exists)")
-    print(f"{'features':<18}{'LogReg':>8}{'kNN':>8}{'floor LR':>10}{'floor kNN':>10}{'ratio LR':>10}{'ratio kNN':>10}   LogReg C by fold")
+    print("\nstratified 5-fold macro-F1 (ratio = ours / the reference figure for that row, where one exists)")
+    print(f"{'features':<18}{'LogReg':>8}{'kNN':>8}{'ref LR':>10}{'ref kNN':>10}{'ratio LR':>10}{'ratio kNN':>10}   LogReg C by fold")
     for k, r in results.items():
-        floor = FLOORS.get(k)
-        extra = f"{floor[0]:>10.3f}{floor[1]:>10.3f}{r['logreg'] / floor[0]:>10.2f}{r['knn'] / floor[1]:>10.2f}" if floor else " " * 40
+        ref = REFERENCE.get(k)
+        extra = f"{ref[0]:>10.3f}{ref[1]:>10.3f}{r['logreg'] / ref[0]:>10.2f}{r['knn'] / ref[1]:>10.2f}" if ref else " " * 40
         print(f"{k:<18}{r['logreg']:>8.3f}{r['knn']:>8.3f}{extra}   " + " ".join(f"{c:g}" for c in r["logreg_C"]))
     print("\nper-class kNN F1\n" + f"{'features':<18}" + "".join(f"{n[:9]:>10}" for n in names))
     for k, r in results.items():
