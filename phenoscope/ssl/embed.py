@@ -52,7 +52,9 @@ class EmbedConfig:
     center_crop: int = 0  # field-of-view mode: centre crop of this size (0 = whole image)
     n_last_blocks: int = 1  # class tokens of the last n blocks (then the mean patch token)
     normalize: str = ""  # "" = as the checkpoint records; or override: channel | image (self-normalisation)
-    layout: str = "auto"  # image axes: CYX, YXC or auto (smallest axis = channels)
+    layout: str = "auto"  # image axes: CYX, YXC or auto (phenoscope.core.axes.guess_channel_axis)
+    channels: list[int] | None = None  # input channels to use, in order; repeats replicate (gray → "0,0,0")
+    npz_key: str = "images"  # array of (N, C, H, W) crops in a .npz input (one row per crop)
     batch_size: int = 64  # crops per forward pass
     num_workers: int = 0  # image-loading processes
     output_format: str = "h5ad"  # AnnData file beside the Parquet table: h5ad | zarr
@@ -89,11 +91,47 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def image_crops(image_path: Path, mask_path: Path | None, cfg: EmbedConfig, in_chans: int | None) -> tuple[np.ndarray, pd.DataFrame]:
-    """The crops (n, C, s, s) of one image and their ``Metadata_*`` rows."""
-    image = to_cyx(imread(image_path), cfg.layout).astype(np.float32)
+def select_channels(image: np.ndarray, channels: list[int] | None, in_chans: int | None) -> np.ndarray:
+    """(C, H, W) → the model's input channels: ``channels`` in that order (repeats replicate a gray
+    image); else a constant last channel (alpha) beyond ``in_chans`` is dropped, as ``segment`` does.
+    Raises ``ValueError`` with a hint when the count still differs from ``in_chans``."""
+    if channels:
+        bad = [c for c in channels if not -image.shape[0] <= c < image.shape[0]]
+        if bad:
+            raise ValueError(f"channels {bad} do not exist: the image has {image.shape[0]} (shape {image.shape})")
+        image = image[list(channels)]
+    elif in_chans is not None and image.shape[0] == in_chans + 1 and np.ptp(image[-1]) == 0:
+        image = image[:-1]
     if in_chans is not None and image.shape[0] != in_chans:
-        raise ValueError(f"image has {image.shape[0]} channels (layout {cfg.layout}, shape {image.shape}); the model needs {in_chans}")
+        hint = ",".join(["0"] * in_chans) if image.shape[0] == 1 else ",".join(map(str, range(in_chans)))
+        raise ValueError(f"image has {image.shape[0]} channels (shape {image.shape}); the model needs {in_chans}: "
+                         f"choose them with channels (--channels {hint})")
+    return image
+
+
+def _npz_crops(path: Path, cfg: EmbedConfig, in_chans: int | None) -> tuple[np.ndarray, pd.DataFrame]:
+    """A .npz of (N, C, H, W) crops (``cfg.npz_key``) → one row per crop, ``Metadata_Label`` 1..N."""
+    with np.load(path, allow_pickle=False) as z:
+        if cfg.npz_key not in z:
+            raise ValueError(f"no array {cfg.npz_key!r} in the .npz (arrays: {sorted(z.files)})")
+        arr = z[cfg.npz_key]
+    if arr.ndim != 4:
+        raise ValueError(f"array {cfg.npz_key!r} has shape {arr.shape}; expected (N, C, H, W) crops")
+    crops = np.stack([select_channels(a, cfg.channels, in_chans) for a in arr.astype(np.float32)]) if len(arr) else arr
+    if not np.isfinite(crops).all():
+        raise ValueError("crops contain NaN or inf values")
+    h, w = crops.shape[-2:]
+    n = len(crops)
+    obs = pd.DataFrame({"Metadata_Image": path.stem, "Metadata_Label": np.arange(1, n + 1, dtype=np.int64),
+                        "Metadata_CentroidY": np.full(n, h / 2), "Metadata_CentroidX": np.full(n, w / 2)})
+    return crops.astype(np.float32), obs
+
+
+def image_crops(image_path: Path, mask_path: Path | None, cfg: EmbedConfig, in_chans: int | None) -> tuple[np.ndarray, pd.DataFrame]:
+    """The crops (n, C, s, s) of one image (or every crop of a ``.npz``) and their ``Metadata_*`` rows."""
+    if image_path.suffix == ".npz":
+        return _npz_crops(image_path, cfg, in_chans)
+    image = select_channels(to_cyx(imread(image_path), cfg.layout).astype(np.float32), cfg.channels, in_chans)
     if not np.isfinite(image).all():
         raise ValueError("image contains NaN or inf values")
     meta = {"Metadata_Image": image_path.stem}
