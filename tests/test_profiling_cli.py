@@ -42,8 +42,10 @@ def _run(*args: str) -> subprocess.CompletedProcess:
         (lambda t: t.drop(columns=["Metadata_Plate"]), [], "Metadata_Plate"),
         (lambda t: t, ["--controls", "Metadata_Compound == 'PBS'"], "matches no rows"),
         (lambda t: t, ["--controls", "Metadata_Nope == 1"], "cannot evaluate"),
+        (lambda t: t.assign(Metadata_Compound=t["Metadata_Compound"].where(t["Metadata_Plate"] == "P1", "x")), [], "'P2'} has no reference rows"),
+        (lambda t: t, ["--null-size", "0"], "null_size must be"),
     ],
-    ids=["no-label", "label-case", "no-plate", "controls-match-nothing", "controls-bad-column"],
+    ids=["no-label", "label-case", "no-plate", "controls-match-nothing", "controls-bad-column", "plate-without-controls", "null-size-0"],
 )
 def test_bad_table_gives_one_error_line_and_exit_2(tmp_path, capsys, edit, flags, message) -> None:
     table = tmp_path / "wells.csv"

@@ -1,8 +1,9 @@
 """``phenoscope profile``: per-well table → treatment profiles, NSC/mAP metrics with p-values, figures, HTML report.
 
 The table is a .csv/.csv.gz/.parquet with Metadata_* columns (one row per well, or per cell/image,
-aggregated to wells first), or the shipped BBBC021 folder. Exit code 2 with one error line when the
-table or the options do not fit (missing columns, controls that match nothing).
+aggregated to wells first), or the shipped BBBC021 folder. Exit code 2 with one error line, and
+nothing written, when the table or the options do not fit (missing columns, controls that match
+nothing, a plate without controls).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from phenoscope.config import load_config
-    from phenoscope.profiling.pipeline import ProfileConfig, check_table, read_table, run_profile
+    from phenoscope.profiling.pipeline import ProfileConfig, read_table, run_profile
 
     try:
         cfg = load_config(ProfileConfig, args.config, controls=args.controls, label_column=args.label_column,
@@ -38,11 +39,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, TypeError) as err:
         return _fail(args.config or "options", err)
     try:
-        table = read_table(args.table)
-        check_table(table, cfg)
+        metrics = run_profile(read_table(args.table), cfg, args.out)
     except (ValueError, FileNotFoundError) as err:
         return _fail(args.table, err)
-    metrics = run_profile(table, cfg, args.out)
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -197,16 +197,19 @@ def significance_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def run_profile(table: pd.DataFrame, cfg: ProfileConfig, out_dir: str | Path) -> dict[str, float]:
-    """Write ``profiles.parquet``, ``metrics.json``, per-group CSVs, figures and ``report.html`` into ``out_dir``."""
+    """Write ``profiles.parquet``, ``metrics.json``, per-group CSVs, figures and ``report.html`` into ``out_dir``.
+
+    The table is checked (``check_table``) and every number computed before anything is written.
+    """
     from phenoscope.profiling import figures
 
     check_table(table, cfg)
+    result = run_pipeline(table, cfg)
+    metrics, tables = evaluate(result, cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = run_pipeline(table, cfg)
     with atomic_path(out / "profiles.parquet") as tmp:
         result.profiles.to_parquet(tmp, index=False)
-    metrics, tables = evaluate(result, cfg)
     for name, df in tables.items():
         with atomic_write(out / f"{name.replace(' ', '_').replace('-', '_')}.csv", "w") as fh:
             df.to_csv(fh, index=False)
