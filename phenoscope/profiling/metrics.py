@@ -99,8 +99,8 @@ def retrieval_average_precision(
         rows = np.arange(start, min(start + _BLOCK, len(meta)))
         pos, neg = _pair_block(pos_codes, rows), _pair_block(neg_codes, rows)
         n_pos[rows], n_neg[rows] = pos.sum(axis=1), neg.sum(axis=1)
-        cols = np.flatnonzero((pos | neg).any(axis=0))  # only ranked profiles need similarities
-        ap[rows] = _block_ap(u[rows] @ u[cols].T, pos[:, cols], neg[:, cols])
+        ranked = np.flatnonzero((pos | neg).any(axis=0))  # only ranked profiles need similarities
+        ap[rows] = _block_ap(u[rows] @ u[ranked].T, pos[:, ranked], neg[:, ranked])
     out = meta.copy()
     out["average_precision"] = np.where(n_pos > 0, ap, np.nan)
     out["n_pos_pairs"] = n_pos

@@ -59,7 +59,9 @@ def random_ap(n_pos: int, n_total: int, null_size: int, seed: int = 0) -> np.nda
 
 def null_distributions(configs: np.ndarray, null_size: int, seed: int = 0) -> np.ndarray:
     """(len(configs), null_size) null APs, one row per (n_pos, n_total) row of ``configs``."""
-    return np.stack([random_ap(int(k), int(n), null_size, seed) for k, n in configs]) if len(configs) else np.empty((0, null_size))
+    if not len(configs):
+        return np.empty((0, null_size))
+    return np.stack([random_ap(int(k), int(n), null_size, seed) for k, n in configs])
 
 
 def group_p_values(map_scores: np.ndarray, weights: np.ndarray, nulls: np.ndarray) -> np.ndarray:
@@ -69,10 +71,10 @@ def group_p_values(map_scores: np.ndarray, weights: np.ndarray, nulls: np.ndarra
     group's profiles with each configuration; ``nulls`` (configs, null_size) from ``null_distributions``.
     """
     null_size = nulls.shape[1]
-    rows = max(1, _CHUNK // null_size)
-    counts = np.concatenate(
-        [(weights[s : s + rows] @ nulls > map_scores[s : s + rows, None]).sum(axis=1) for s in range(0, len(map_scores), rows)]
-    ) if len(map_scores) else np.zeros(0)
+    rows = max(1, _CHUNK // null_size)  # groups per chunk of group nulls
+    counts = np.zeros(len(map_scores))
+    for s in range(0, len(map_scores), rows):
+        counts[s : s + rows] = (weights[s : s + rows] @ nulls > map_scores[s : s + rows, None]).sum(axis=1)
     return (counts + 1.0) / (null_size + 1.0)
 
 
