@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from phenoscope.datasets import data_root
 from phenoscope.profiling import feature_select, normalize, replicate_map
-from phenoscope.profiling.bbbc021 import load_bbbc021
+from phenoscope.datasets.bbbc021 import load_bbbc021
 from phenoscope.profiling.metrics import REFERENCE, with_reference_index
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bbbc021_profiles"
+DEFAULT_DATA = data_root() / "bbbc021_profiles"
 CONTROLS = "Metadata_Compound == 'DMSO'"
 
 

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/bench_profiling.py [--data ../shared/data/bbbc021_profiles] [--repeats 3] [--weeks]
 
-1. NSC and NSCB per configuration of ``configs/profile_bbbc021.toml`` (± sphering, ± Harmony and
+1. NSC and NSCB per configuration of ``configs/profile/bbbc021.toml`` (± sphering, ± Harmony and
    ablations) with its time (median of ``--repeats`` runs after one warm-up; loading excluded).
 2. Sphering default validation: on each validation table, fitted and scored on that table alone,
    replicate mAP against DMSO (and NSC where MoAs allow) without sphering, with Ledoit–Wolf, and
@@ -24,13 +24,25 @@ from pathlib import Path
 import pandas as pd
 
 from phenoscope.config import load_config
-from phenoscope.profiling import aggregate, feature_select, normalize, nsc_accuracy, replicate_map
-from phenoscope.profiling.bbbc021 import TREATMENT, load_bbbc021
-from phenoscope.profiling.pipeline import ProfileConfig, build_profiles, read_table, run_pipeline
+from phenoscope.datasets import data_root
+from phenoscope.profiling import (
+    aggregate,
+    feature_select,
+    normalize,
+    nsc_accuracy,
+    replicate_map,
+)
+from phenoscope.datasets.bbbc021 import TREATMENT, load_bbbc021
+from phenoscope.profiling.pipeline import (
+    ProfileConfig,
+    build_profiles,
+    read_table,
+    run_pipeline,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "bbbc021_profiles"
-CONFIG = REPO / "configs" / "profile_bbbc021.toml"
+DEFAULT_DATA = data_root() / "bbbc021_profiles"
+CONFIG = REPO / "configs" / "profile" / "bbbc021.toml"
 MORPHEUS_FILE = "BBBC021_feature_selected_mad_robustize.csv"
 LW = {"sphere_epsilon": "ledoit-wolf"}
 

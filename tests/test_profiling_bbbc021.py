@@ -1,4 +1,4 @@
-"""BBBC021 acceptance: configs/profile_bbbc021.toml over the one pipeline reaches NSC ≥ 0.90 and sphering helps."""
+"""BBBC021 acceptance: configs/profile/bbbc021.toml over the one pipeline reaches NSC ≥ 0.90 and sphering helps."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 
 from phenoscope.config import load_config
 from phenoscope.profiling import normalize, nsc_accuracy
-from phenoscope.profiling.bbbc021 import load_bbbc021
+from phenoscope.datasets.bbbc021 import load_bbbc021
 from phenoscope.profiling.pipeline import ProfileConfig, build_profiles, run_pipeline
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "profile_bbbc021.toml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "profile" / "bbbc021.toml"
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ def test_per_cell_table_is_aggregated_to_wells(tmp_path) -> None:
 
 def test_profile_reads_the_shipped_bbbc021_tables(bbbc021_dir, tmp_path) -> None:
     out = tmp_path / "ljosa"
-    assert main(["profile", str(bbbc021_dir), "--out", str(out), "--config", str(REPO / "configs" / "profile_bbbc021.toml"), "--no-figures"]) == 0
+    assert main(["profile", str(bbbc021_dir), "--out", str(out), "--config", str(REPO / "configs" / "profile" / "bbbc021.toml"), "--no-figures"]) == 0
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["metrics"]["NSC"] >= 0.90 and 0 < saved["metrics"]["NSCB"] < saved["metrics"]["NSC"]
     assert saved["input"] == {"input rows": 632, "wells": 632, "plates": 55, "treatments": 103, "control wells": 330,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -19,7 +18,7 @@ def test_confusion_and_report(tmp_path) -> None:
 
 
 def test_profile_cli_on_bbbc021(bbbc021_dir, tmp_path, capsys) -> None:
-    from phenoscope.profiling.bbbc021 import load_bbbc021
+    from phenoscope.datasets.bbbc021 import load_bbbc021
 
     table = tmp_path / "wells.parquet"
     load_bbbc021(bbbc021_dir).to_parquet(table)
@@ -31,7 +30,7 @@ def test_profile_cli_on_bbbc021(bbbc021_dir, tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_profile_cli_figures(bbbc021_dir, tmp_path) -> None:
-    from phenoscope.profiling.bbbc021 import load_bbbc021
+    from phenoscope.datasets.bbbc021 import load_bbbc021
 
     table = tmp_path / "wells.csv"
     load_bbbc021(bbbc021_dir).to_csv(table, index=False)

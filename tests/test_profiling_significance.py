@@ -118,7 +118,7 @@ def test_p_values_track_the_signal_and_the_null_size() -> None:
 
 def test_bbbc021_replicate_significance_matches_copairs(bbbc021_dir, tmp_path) -> None:
     from phenoscope.profiling import feature_select, normalize
-    from phenoscope.profiling.bbbc021 import load_bbbc021
+    from phenoscope.datasets.bbbc021 import load_bbbc021
 
     controls = "Metadata_Compound == 'DMSO'"
     wells = feature_select(normalize(load_bbbc021(bbbc021_dir), samples=controls, pooled_scale=True))

@@ -17,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("profile", help="normalise, sphere, aggregate and evaluate a profile table", description=__doc__)
     p.add_argument("table", help="per-well (or per-cell/image) table .csv/.csv.gz/.parquet, or the BBBC021 folder; metadata columns start with Metadata_")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--config", help="TOML/JSON file with phenoscope.profiling.pipeline.ProfileConfig options (e.g. configs/profile_bbbc021.toml)")
+    p.add_argument("--config", help="TOML/JSON file with phenoscope.profiling.pipeline.ProfileConfig options (e.g. configs/profile/bbbc021.toml)")
     p.add_argument("--controls", help="query selecting control rows, e.g. \"Metadata_Compound == 'DMSO'\"")
     p.add_argument("--label-column", help="MoA label column (default Metadata_MoA; '' for no MoA evaluation)")
     p.add_argument("--compound-column", help="compound column for NSC (default Metadata_Compound)")

@@ -17,7 +17,7 @@ import pandas as pd
 
 from phenoscope.config import to_dict
 from phenoscope.core.io import atomic_path, atomic_write
-from phenoscope.profiling.bbbc021 import is_bbbc021_source, load_bbbc021
+from phenoscope.datasets.bbbc021 import is_bbbc021_source, load_bbbc021
 from phenoscope.profiling.metrics import mean_average_precision, nsc_accuracy, nsc_predictions, replicate_map
 from phenoscope.profiling.preprocess import aggregate, feature_select, harmonize, normalize
 from phenoscope.profiling.sphere import spherize_with

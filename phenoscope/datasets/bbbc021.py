@@ -1,7 +1,7 @@
 """Reader for the shipped BBBC021 per-well CellProfiler profiles (Ljosa et al. 2013).
 
 The per-well means lack treatment metadata; ``load_bbbc021`` joins them with the image and MoA
-tables of the same folder. The documented analysis is ``configs/profile_bbbc021.toml`` run by
+tables of the same folder. The documented analysis is ``configs/profile/bbbc021.toml`` run by
 the one profiling pipeline (``phenoscope.profiling.pipeline``).
 """
 
