@@ -160,6 +160,31 @@ def test_reader_opens_segment_seg_npy(make_napari_viewer, sample_tif, tmp_path):
     np.testing.assert_array_equal(layer.data, expected)
 
 
+@pytest.mark.parametrize("ngff", ["0.4", "0.5"])
+def test_reader_opens_ome_zarr_labels(make_napari_viewer, tmp_path, ngff):
+    """Labels written by ome-zarr-py (the reference NGFF writer) open as one multiscale Labels layer each."""
+    pytest.importorskip("ome_zarr")
+    import zarr
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.writer import write_image, write_labels
+
+    fmt = FormatV04() if ngff == "0.4" else FormatV05()
+    image, truth = synthetic_nuclei(shape=(256, 256), n=12, seed=2)
+    root = zarr.open_group(str(tmp_path / "plate.zarr"), mode="w", zarr_format=2 if ngff == "0.4" else 3)
+    write_image(image, root, axes="yx", fmt=fmt)
+    write_labels(truth, root, name="cells", axes="yx", fmt=fmt)
+    write_labels((truth > 0).astype(np.uint8), root, name="foreground", axes="yx", fmt=fmt)
+    assert (tmp_path / "plate.zarr" / (".zattrs" if ngff == "0.4" else "zarr.json")).is_file()
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(tmp_path / "plate.zarr"), plugin="phenoscope")
+    assert [layer.name for layer in layers] == ["cells", "foreground"]
+    assert all(isinstance(layer, napari.layers.Labels) and layer.multiscale for layer in layers)
+    np.testing.assert_array_equal(np.asarray(layers[0].data[0]), truth)
+    np.testing.assert_array_equal(np.asarray(layers[1].data[0]), truth > 0)
+    (single,) = viewer.open(str(tmp_path / "plate.zarr" / "labels" / "cells"), plugin="phenoscope")
+    np.testing.assert_array_equal(np.asarray(single.data[0]), truth)
+
+
 def test_reader_rejects_bad_files(tmp_path):
     from phenoscope.napari.reader import get_reader, read_seg_npy
 
@@ -168,6 +193,8 @@ def test_reader_rejects_bad_files(tmp_path):
     with pytest.raises(ValueError, match="bad_seg.npy: not a cellpose _seg.npy"):
         read_seg_npy(bad)
     assert get_reader(str(tmp_path / "image.npy")) is None
+    (tmp_path / "empty.zarr").mkdir()
+    assert get_reader(str(tmp_path / "empty.zarr")) is None  # no labels: left to other readers
 
 
 def test_writers_round_trip(make_napari_viewer, tmp_path):
