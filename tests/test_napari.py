@@ -116,7 +116,7 @@ def test_dsb_image_masks_equal_cli(make_napari_viewer, qtbot, dsb_png, tmp_path)
 
 
 def test_recompute_masks_follows_thresholds(viewer_widget, qtbot):
-    from phenoscope.segment import load_model
+    from phenoscope.segment import MaskOptions, load_model
 
     viewer, widget = viewer_widget
     first = np.array(run_and_wait(qtbot, widget, viewer, "nuclei_masks"))
@@ -129,7 +129,7 @@ def test_recompute_masks_follows_thresholds(viewer_widget, qtbot):
     assert not np.array_equal(first, second)
     # the dynamics on the cached flows give what a full run with the new thresholds gives
     image = viewer.layers["nuclei"].data
-    full = load_model("default").segment(image, cellprob_threshold=2.0, flow_threshold=0.1).masks
+    full = load_model("default").segment(image, options=MaskOptions(flow_threshold=0.1, cellprob_threshold=2.0)).masks
     np.testing.assert_array_equal(second, full)
 
 

@@ -64,7 +64,7 @@ def test_tensors(net: CellposeSAMNet, seed: int = 0) -> tuple[np.ndarray, np.nda
     of the generated demo sample (``phenoscope.datasets.synthetic_nuclei``)."""
     from phenoscope.core.normalize import normalize_percentile
     from phenoscope.datasets import synthetic_nuclei
-    from phenoscope.segment.model import CellposeSAM
+    from phenoscope.segment.inference import CellposeSAM
 
     t, c = net.cfg.tile, net.cfg.in_chans
     image, _ = synthetic_nuclei(shape=(max(256, t), max(256, t)), n=max(20, t * t // 800), seed=seed)
@@ -221,7 +221,7 @@ def export_bioimageio(
 
     from phenoscope.core.io import atomic_path
     from phenoscope.segment.checkpoint import load_network
-    from phenoscope.segment.model import DEFAULT_MODEL
+    from phenoscope.segment.inference import DEFAULT_MODEL
 
     path = DEFAULT_MODEL if str(model) == "default" else Path(model)
     net = load_network(path).cpu().eval()

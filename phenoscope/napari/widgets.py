@@ -1,8 +1,9 @@
 """The "Segment" dock widget: Cellpose-SAM (or the classical baseline) on an image layer, in a worker thread.
 
 The widget's buttons start napari thread workers (with napari's progress bar) and return at once, so
-the viewer never freezes. "Recompute masks" reruns only the dynamics (:func:`phenoscope.segment.compute_masks`)
-on the flows and cell probability cached from the last run, with the current thresholds.
+the viewer never freezes. "Recompute masks" reruns only the dynamics (``CellposeSAM.masks``, i.e.
+:func:`phenoscope.segment.compute_masks`) on the flows and cell probability cached from the last run,
+with the current thresholds.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, PushButton, SpinBox, create_widget
 
+from phenoscope.segment.options import MaskOptions
+
 if TYPE_CHECKING:
     import napari
 
@@ -22,13 +25,11 @@ MODELS = ("default", "classic", "file")
 
 @dataclass(frozen=True)
 class SegmentOptions:
-    """Widget settings, as :meth:`phenoscope.segment.model.CellposeSAM.segment` takes them."""
+    """Widget settings, as :meth:`phenoscope.segment.CellposeSAM.segment` takes them."""
 
     model: str = "default"  # "default", "classic" or a weights file path
     diameter: float | str | None = None  # px, "auto" or None (native size)
-    flow_threshold: float = 0.4
-    cellprob_threshold: float = 0.0
-    min_size: int = 15  # px
+    masks: MaskOptions = MaskOptions()  # thresholds and size filter of the dynamics
     tile_overlap: float = 0.1
     batch_size: int = 8
     tta: bool = False
@@ -36,13 +37,14 @@ class SegmentOptions:
 
 @dataclass
 class SegmentOutput:
-    """One run's result: (H, W) masks, and for network models (2, H, W) flows, (H, W) cellprob and the
-    Euler step count used, which "Recompute masks" reuses."""
+    """One run's result: (H, W) masks, and for network models the model, (2, H, W) flows, (H, W) cellprob
+    and the diameter used (px or None), which "Recompute masks" reuses."""
 
     masks: np.ndarray
+    model: Any = None
     flows: np.ndarray | None = None
     cellprob: np.ndarray | None = None
-    niter: int = 200
+    diameter: float | None = None
 
 
 def channel_axis_of(data: np.ndarray, rgb: bool) -> int | None:
@@ -55,29 +57,20 @@ def segment_image(image: np.ndarray, options: SegmentOptions, channel_axis: int 
     if options.model == "classic":
         from phenoscope.segment import segment_classic
 
-        return SegmentOutput(masks=segment_classic(image, channel_axis=channel_axis, min_size=options.min_size))
+        return SegmentOutput(masks=segment_classic(image, channel_axis=channel_axis, min_size=options.masks.min_size))
     from phenoscope.segment import load_model
 
     if options.model not in models:
         models[options.model] = load_model(options.model)
     model = models[options.model]
-    res = model.segment(
-        image, channel_axis=channel_axis, diameter=options.diameter, flow_threshold=options.flow_threshold,
-        cellprob_threshold=options.cellprob_threshold, min_size=options.min_size,
-        tile_overlap=options.tile_overlap, batch_size=options.batch_size, tta=options.tta,
-    )
-    niter = int(200 / model.rescale(res.diameter))  # as segment() scales the Euler steps with the resize
-    return SegmentOutput(masks=res.masks, flows=res.flows, cellprob=res.cellprob, niter=niter)
+    res = model.segment(image, channel_axis, options.diameter, options.masks, options.tile_overlap,
+                        options.batch_size, options.tta)
+    return SegmentOutput(masks=res.masks, model=model, flows=res.flows, cellprob=res.cellprob, diameter=res.diameter)
 
 
 def recompute_masks(cached: SegmentOutput, options: SegmentOptions) -> np.ndarray:
     """Masks from the cached flows and cellprob with new thresholds (the dynamics only)."""
-    from phenoscope.segment import compute_masks
-
-    return compute_masks(
-        cached.flows, cached.cellprob, niter=cached.niter, cellprob_threshold=options.cellprob_threshold,
-        flow_threshold=options.flow_threshold, min_size=options.min_size,
-    )
+    return cached.model.masks(cached.flows, cached.cellprob, cached.diameter, options.masks)
 
 
 class SegmentWidget(Container):
@@ -126,11 +119,10 @@ class SegmentWidget(Container):
                 raise ValueError(f"model file not found: {path}")
             model = str(path)
         diameter: float | str | None = "auto" if self.auto_diameter.value else (self.diameter.value or None)
-        return SegmentOptions(
-            model=model, diameter=diameter, flow_threshold=self.flow_threshold.value,
-            cellprob_threshold=self.cellprob_threshold.value, min_size=self.min_size.value,
-            tile_overlap=self.tile_overlap.value, batch_size=self.batch_size.value, tta=self.tta.value,
-        )
+        masks = MaskOptions(flow_threshold=self.flow_threshold.value, cellprob_threshold=self.cellprob_threshold.value,
+                            min_size=self.min_size.value)
+        return SegmentOptions(model=model, diameter=diameter, masks=masks, tile_overlap=self.tile_overlap.value,
+                              batch_size=self.batch_size.value, tta=self.tta.value)
 
     def _start(self, func, *args, desc: str, on_done):
         from napari.qt.threading import create_worker
