@@ -11,8 +11,14 @@ install:
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_LOCAL)" || $(PY) -m pip install -q "torch>=2.4"
 	$(PY) -m pip install -q -e .
 
+# napari's OpenGL canvas runs headless on a virtual X server (pytest-xvfb starts Xvfb); Qt's xcb
+# platform needs these Debian libraries. Installed only where one is missing and apt-get exists (as root).
+GUI_DEBS ?= xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 libxcb-render-util0 \
+	libxcb-randr0 libxcb-shape0 libxcb-xkb1 libxcb-cursor0 libxkbcommon-x11-0 libgl1-mesa-dri libegl1
+
 install-test: install
-	$(PY) -m pip install -q -e ".[test]"
+	@dpkg -s $(GUI_DEBS) >/dev/null 2>&1 || ! command -v apt-get >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(GUI_DEBS) >/dev/null; }
+	$(PY) -m pip install -q -e ".[test,napari,bioimageio]"
 	# dinov2 (parity reference for checkpoint import) pins torch==2.0.0; its forward runs on ours.
 	$(PY) -m pip install -q --no-deps "dinov2==0.0.1.dev2"
 

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order shown by --help. Missing modules are skipped.
-SUBCOMMANDS = ("demo", "segment", "train", "pretrain", "embed", "profile")
+SUBCOMMANDS = ("demo", "segment", "train", "pretrain", "embed", "profile", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,6 +42,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-seg", action="store_true", help="also write a cellpose-compatible <stem>_seg.npy")
     p.add_argument("--save-outlines", action="store_true", help="also write an outline overlay <stem>_outlines.png")
     p.add_argument("--save-rois", action="store_true", help="also write ImageJ ROIs <stem>_rois.zip")
+    p.add_argument("--save-geojson", action="store_true",
+                   help="also write QuPath detections <stem>_cells.geojson (one polygon per cell, with its measurements)")
+    p.add_argument("--cp-names", nargs="?", const="", default=None, metavar="CHANNELS",
+                   help="name the per-cell table's columns as CellProfiler does (Cells_AreaShape_*, ...); "
+                        "optional comma-separated channel names (default C0, C1, ...)")
     p.set_defaults(func=run)
 
 
@@ -70,6 +75,7 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
 def _outputs(out: Path, stem: str, args: argparse.Namespace) -> list[Path]:
     wanted = ["_masks.tif", "_cells.csv"]
     wanted += ["_seg.npy"] * args.save_seg + ["_outlines.png"] * args.save_outlines + ["_rois.zip"] * args.save_rois
+    wanted += ["_cells.geojson"] * args.save_geojson
     return [out / f"{stem}{suffix}" for suffix in wanted]
 
 
@@ -115,7 +121,17 @@ def process_one(path: Path, segment: Callable, args: argparse.Namespace) -> int:
     masks, flows, cellprob, diameter = segment(image)  # raises on NaN/inf (normalisation)
     stem, out = path.stem, args.out
     outputs.write_masks(out / f"{stem}_masks.tif", masks)
-    outputs.write_cell_table(out / f"{stem}_cells.csv", masks, yxc)
+    if args.cp_names is not None:
+        from phenoscope.interop.cellprofiler import write_cp_cell_table
+
+        table = write_cp_cell_table(out / f"{stem}_cells.csv", masks, yxc, [n for n in args.cp_names.split(",") if n])
+    else:
+        table = outputs.write_cell_table(out / f"{stem}_cells.csv", masks, yxc)
+    if args.save_geojson:
+        from phenoscope.interop.geojson import write_geojson
+
+        write_geojson(out / f"{stem}_cells.geojson", masks, table,
+                      label_column="label" if "label" in table else "Metadata_ObjectNumber")
     if args.save_seg:
         outputs.write_seg_npy(out / f"{stem}_seg.npy", path, masks, flows, cellprob, diameter)
     if args.save_outlines:
