@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metadata", type=Path, default=None, help="CSV joined on its 'image' or 'Metadata_Image' column (file stems)")
     p.add_argument("--format", dest="output_format", default=None, choices=("h5ad", "zarr"), help="AnnData format (default h5ad)")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workers", dest="num_workers", type=int, default=None, help="image-loading processes")
+    p.add_argument("--workers", dest="num_workers", type=int, default=None, help="processes embedding images in parallel (≤ 1: in this process)")
     p.add_argument("--config", default=None, help="TOML/JSON file with EmbedConfig options")
     p.add_argument("--device", default=None)
     p.set_defaults(func=run)
@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from phenoscope.cli.segment import collect_inputs
+    from phenoscope.batch import BatchInterrupted, collect_inputs
     from phenoscope.config import load_config
     from phenoscope.core.io import label_file_for
     from phenoscope.ssl.embed import EmbedConfig, embed_images
@@ -44,9 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.crop_size and args.masks is None:
         print("error: --crop-size (single-cell mode) needs --masks", file=sys.stderr)
         return 2
-    files, problems = collect_inputs(args.inputs)
-    for line in problems:
-        print(f"error: {line}", file=sys.stderr)
+    files = collect_inputs(args.inputs, unique_stems=False)  # parts are numbered, not named by stem
     masks = [label_file_for(f, args.masks) for f in files] if args.masks else None
     metadata = None
     if args.metadata:
@@ -54,10 +52,12 @@ def run(args: argparse.Namespace) -> int:
         metadata["Metadata_Image"] = metadata["Metadata_Image"].map(lambda s: Path(str(s)).stem)
     try:
         summary = embed_images(files, args.model, args.out, cfg, masks, metadata, args.device)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except BatchInterrupted as stop:
+        for line in stop.report.failure_lines():
+            print(f"error: {line}", file=sys.stderr)
+        print(f"{stop.report.summary('embedded')}; {stop}", file=sys.stderr)
+        raise
     for line in summary["failed"]:
         print(f"error: {line}", file=sys.stderr)
     print(json.dumps({k: (len(v) if k == "failed" else v) for k, v in summary.items()}))
-    return 1 if summary["failed"] or problems else 0
+    return 1 if summary["failed"] else 0
