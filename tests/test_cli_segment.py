@@ -115,7 +115,7 @@ def test_classic_model_prints_cells_and_diameter(images, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     for png in sorted(images.glob("*.png")):
         n = int(tifffile.imread(out / f"{png.stem}_masks.tif").max())
-        assert f"{png}: {n} cells, diameter n/a" in lines
+        assert f"{png}: {n} cells, native scale (not resized)" in lines
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["model"] == "classic" and manifest["parameters"] == {"channel_axis": None, "min_size": 15}
 

@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from phenoscope.batch import BatchInterrupted, collect_inputs
+    from phenoscope.batch import BatchInterrupted, check_writable, collect_inputs
     from phenoscope.config import load_config
     from phenoscope.core.io import label_file_for
     from phenoscope.ssl.embed import EmbedConfig, embed_images
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         print("error: --crop-size (single-cell mode) needs --masks", file=sys.stderr)
         return 2
     files = collect_inputs(args.inputs, unique_stems=False)  # parts are numbered, not named by stem
+    check_writable(args.out)
     masks = [label_file_for(f, args.masks) for f in files] if args.masks else None
     metadata = None
     if args.metadata:

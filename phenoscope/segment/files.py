@@ -76,7 +76,7 @@ class ImageSummary:
 
     def describe(self, path: Path) -> str:
         """``<file>: <n> cells, diameter <d> px``."""
-        size = f"diameter {self.diameter:.1f} px" if self.diameter is not None else "diameter n/a"
+        size = f"diameter {self.diameter:.1f} px" if self.diameter is not None else "native scale (not resized)"
         return f"{path}: {self.cells} cells, {size}"
 
 
