@@ -179,19 +179,22 @@ class ProcessExecutor(Executor):
     def run(self, job: Callable[[Item], Any], items: Sequence[Item]) -> Generator[Outcome, None, None]:
         pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(job, self.initializer))
-        try:
-            pending: set[Future] = set()
-            queue = iter(items)
-            for item in queue:  # at most 2 items per worker in flight: an interrupt leaves few running
+        queue = iter(items)
+        pending: set[Future] = set()
+
+        def submit_next() -> None:
+            item = next(queue, None)
+            if item is not None:
                 pending.add(pool.submit(_worker_call, item))
-                if len(pending) >= 2 * self.workers:
-                    break
+
+        try:
+            for _ in range(2 * self.workers):  # a short queue: on interrupt, few items are in flight
+                submit_next()
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                pending.difference_update(finished)
                 for future in finished:
-                    for item in queue:
-                        pending.add(pool.submit(_worker_call, item))
-                        break
+                    submit_next()
                     yield future.result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -31,6 +31,12 @@ class CopyJob:
         return len(text)
 
 
+class SlowCopyJob(CopyJob):
+    def __call__(self, item: Item) -> int:
+        time.sleep(0.3)
+        return super().__call__(item)
+
+
 def make_inputs(folder: Path, texts: dict[str, str]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
@@ -95,25 +101,24 @@ def test_interrupt_carries_the_report(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is restored
 
 
-def test_sigterm_mid_batch_exits_143_with_the_summary_and_resumes(tmp_path):
-    files = make_inputs(tmp_path / "in", {f"{n}.txt": str(n) for n in range(6)})
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: spawns workers twice
+def test_sigterm_mid_batch_exits_143_with_the_summary_and_resumes(tmp_path, workers):
+    files = make_inputs(tmp_path / "in", {f"{n}.txt": str(n) for n in range(12)})
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_batch import CopyJob
-        from phenoscope.batch import BatchInterrupted, collect_inputs, plan, run_batch
+        from test_batch import SlowCopyJob
+        from phenoscope.batch import BatchInterrupted, collect_inputs, make_executor, plan, run_batch
 
-        def slow(item):
-            time.sleep(0.3)
-            return CopyJob()(item)
-
-        items = plan(collect_inputs([{str(tmp_path / "in")!r}], suffixes=(".txt",)), {str(tmp_path / "out")!r}, (".up",))
-        try:
-            print(run_batch(items, slow, progress=False).summary(), file=sys.stderr)
-        except BatchInterrupted as stop:
-            print(stop.report.summary() + f"; {{stop}}", file=sys.stderr)
-            sys.exit(stop.exit_code)
+        if __name__ == "__main__":  # spawned workers import this file
+            items = plan(collect_inputs([{str(tmp_path / "in")!r}], suffixes=(".txt",)), {str(tmp_path / "out")!r}, (".up",))
+            try:
+                report = run_batch(items, SlowCopyJob(), make_executor({workers}), progress=False)
+                print(report.summary(), file=sys.stderr)
+            except BatchInterrupted as stop:
+                print(stop.report.summary() + f"; {{stop}}", file=sys.stderr)
+                sys.exit(stop.exit_code)
     """))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True, env=env)
@@ -125,7 +130,7 @@ def test_sigterm_mid_batch_exits_143_with_the_summary_and_resumes(tmp_path):
     assert proc.returncode == 143, err
     assert "interrupted by SIGTERM" in err and "(interrupted)" in err
     done = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert 1 <= len(done) < 6 and all(not n.startswith(".") for n in done)  # no temp files left
+    assert 1 <= len(done) < 12 and all(not n.startswith(".") for n in done)  # no temp files left
     rerun = subprocess.run([sys.executable, str(script)], stderr=subprocess.PIPE, text=True, env=env, timeout=60)
     assert rerun.returncode == 0 and f"skipped {len(done)}" in rerun.stderr
     assert [(tmp_path / "out" / f"{f.stem}.up").read_text() for f in files] == [f.read_text().upper() for f in files]

@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metadata", type=Path, default=None, help="CSV joined on its 'image' or 'Metadata_Image' column (file stems)")
     p.add_argument("--format", dest="output_format", default=None, choices=("h5ad", "zarr"), help="AnnData format (default h5ad)")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workers", dest="num_workers", type=int, default=None, help="processes embedding images in parallel (≤ 1: in this process)")
+    p.add_argument("--workers", dest="num_workers", type=int, default=None,
+                   help="processes embedding images in parallel (≤ 1: in this process)")
     p.add_argument("--config", default=None, help="TOML/JSON file with EmbedConfig options")
     p.add_argument("--device", default=None)
     p.set_defaults(func=run)
