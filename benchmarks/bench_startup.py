@@ -7,8 +7,10 @@ Every figure is the median over ``--repeats`` fresh subprocesses (1 torch thread
 - ``load+segment``: in a fresh process, after its imports, the time of ``load_model("default")`` plus
   ``model.segment(image)`` (the segmentation itself, its first call as in the CLI);
 - ``overhead`` = ``segment`` − ``load+segment``: interpreter start, imports, argument parsing, checks,
-  reading and writing files. ``python -c pass`` and ``import torch`` are printed beside it, the part
-  of the overhead no CLI design removes.
+  reading and writing files;
+- ``imports``: in that same process, the imports of the segmentation stack (torch, numba, scipy,
+  pandas ...), and ``python -c pass``: the interpreter's start. These two are the part of the overhead
+  no CLI design removes; ``rest`` = ``overhead`` − ``imports`` − ``python`` is the CLI's own cost.
 
 The image is a 256×256 real DSB 2018 image when the shared data is there, else a generated one.
 ``--peer PATH`` times another checkout (e.g. the tree before a change) in the same run, side by side:
@@ -30,15 +32,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 IN_PROCESS = """
-import sys, time
-import numpy as np
+import time
+t0 = time.perf_counter()
+import sys
+import phenoscope.segment.outputs
 from phenoscope.core.io import imread
 from phenoscope.segment import load_model
+t1 = time.perf_counter()
 image = imread(sys.argv[1])
-t0 = time.perf_counter()
+t2 = time.perf_counter()
 model = load_model("default")
 model.segment(image)
-print(time.perf_counter() - t0)
+print(t1 - t0, time.perf_counter() - t2)
 """
 
 
@@ -67,24 +72,20 @@ def sample_image(folder: Path) -> Path:
     return path
 
 
-def measure(tree: Path, image: Path, repeats: int, scratch: Path) -> dict[str, float]:
-    """Median seconds of each figure for the checkout at ``tree``."""
+def measure_once(tree: Path, image: Path, out: Path) -> dict[str, float]:
+    """Seconds of each figure, once, for the checkout at ``tree``."""
     # run in the tree (``python -m`` puts the working directory first on sys.path)
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     py = sys.executable
-    runs: dict[str, list[float]] = {k: [] for k in ("python", "torch", "help", "segment", "load+segment")}
-    for n in range(repeats):
-        runs["python"].append(wall([py, "-c", "pass"], env, tree))
-        runs["torch"].append(wall([py, "-c", "import torch"], env, tree))
-        runs["help"].append(wall([py, "-m", "phenoscope", "--help"], env, tree))
-        out = scratch / f"{tree.name}_{n}"
-        runs["segment"].append(wall([py, "-m", "phenoscope", "segment", str(image), "--out", str(out)], env, tree))
-        inner = subprocess.run([py, "-c", IN_PROCESS, str(image)], env=env, cwd=tree, check=True, capture_output=True,
-                               text=True)
-        runs["load+segment"].append(float(inner.stdout.strip().splitlines()[-1]))
-    med = {k: statistics.median(v) for k, v in runs.items()}
-    med["overhead"] = statistics.median(s - i for s, i in zip(runs["segment"], runs["load+segment"]))
-    return med
+    run = {"python": wall([py, "-c", "pass"], env, tree),
+           "help": wall([py, "-m", "phenoscope", "--help"], env, tree),
+           "segment": wall([py, "-m", "phenoscope", "segment", str(image), "--out", str(out)], env, tree)}
+    inner = subprocess.run([py, "-c", IN_PROCESS, str(image)], env=env, cwd=tree, check=True, capture_output=True,
+                           text=True)
+    run["imports"], run["load+segment"] = map(float, inner.stdout.split()[-2:])
+    run["overhead"] = run["segment"] - run["load+segment"]
+    run["rest"] = run["overhead"] - run["imports"] - run["python"]
+    return run
 
 
 def main() -> None:
@@ -93,14 +94,17 @@ def main() -> None:
     parser.add_argument("--peer", type=Path, default=None, help="another checkout to time in the same run")
     args = parser.parse_args()
     trees = [ROOT] + ([args.peer.resolve()] if args.peer else [])
+    runs: dict[Path, list[dict[str, float]]] = {tree: [] for tree in trees}
     with tempfile.TemporaryDirectory() as tmp:
         image = sample_image(Path(tmp))
-        results = {tree: measure(tree, image, args.repeats, Path(tmp)) for tree in trees}
+        for n in range(args.repeats):  # trees interleaved, so a change in the machine's load hits both
+            for k, tree in enumerate(trees):
+                runs[tree].append(measure_once(tree, image, Path(tmp) / f"out_{k}_{n}"))
     print(f"median of {args.repeats} fresh processes, 1 thread, seconds; goals: --help < 1, overhead < 1.5")
-    keys = ("help", "segment", "load+segment", "overhead", "python", "torch")
-    print(f"{'tree':<28}" + "".join(f"{k:>14}" for k in keys))
-    for tree, med in results.items():
-        print(f"{str(tree):<28}" + "".join(f"{med[k]:>14.2f}" for k in keys))
+    keys = ("help", "segment", "load+segment", "overhead", "imports", "python", "rest")
+    print(f"{'tree':<20}" + "".join(f"{k:>13}" for k in keys))
+    for tree, rows in runs.items():
+        print(f"{str(tree):<20}" + "".join(f"{statistics.median(r[k] for r in rows):>13.2f}" for k in keys))
 
 
 if __name__ == "__main__":

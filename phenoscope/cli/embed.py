@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from phenoscope.cli.common import apply_threads
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("embed", help="embed images or single cells with a ViT backbone", description=__doc__.splitlines()[0])
@@ -27,6 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="processes embedding images in parallel (≤ 1: in this process)")
     p.add_argument("--config", default=None, help="TOML/JSON file with EmbedConfig options")
     p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.set_defaults(func=run)
 
 
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from phenoscope.core.io import label_file_for
     from phenoscope.ssl.embed import EmbedConfig, embed_images
 
+    apply_threads(args)
     crop = args.crop_size if args.crop_size is not None else (64 if args.masks else None)
     cfg = load_config(EmbedConfig, args.config, crop_size=crop, mask_background=args.mask_background or None,
                       center_crop=args.center_crop, n_last_blocks=args.n_last_blocks, layout=args.layout,

@@ -75,9 +75,10 @@ class ImageSummary:
     diameter: float | None
 
     def describe(self, path: Path) -> str:
-        """``<file>: <n> cells, diameter <d> px``."""
+        """``<file>: <n> cells, diameter <d> px`` (with a warning when no cell was found)."""
         size = f"diameter {self.diameter:.1f} px" if self.diameter is not None else "native scale (not resized)"
-        return f"{path}: {self.cells} cells, {size}"
+        warn = " — warning: no cells found (check --diameter, --channel-axis and the model)" if not self.cells else ""
+        return f"{path}: {self.cells} cells, {size}{warn}"
 
 
 def parse_diameter(text: str) -> float | str:
@@ -174,7 +175,7 @@ def load_segmenter(model: str | Path, params: SegmentParams = SegmentParams(), d
     weights = _weights_file(model)
     try:
         return _Network(load_model(weights, device=device), params)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, RuntimeError) as err:  # bad weights file; torch's "invalid device string"
         raise InputError(f"model {model}: {err}") from None
 
 
