@@ -50,10 +50,6 @@ __all__ = [
     "run_batch",
 ]
 
-# Files phenoscope writes next to (or instead of) images; never taken as inputs when a folder is listed.
-OUTPUT_SUFFIXES = ("_masks.tif", "_cells.csv", "_seg.npy", "_outlines.png", "_rois.zip")
-
-
 class InputError(ValueError):
     """The input list cannot be processed as given (found before any work starts)."""
 
@@ -206,28 +202,29 @@ def make_executor(workers: int, initializer: Callable[[], None] | None = None) -
     return SerialExecutor() if workers <= 1 else ProcessExecutor(workers, initializer)
 
 
-def is_input_image(path: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> bool:
-    """An image file by suffix, and not one of phenoscope's own outputs (``_masks.tif`` ...)."""
-    return path.suffix.lower() in suffixes and not path.name.endswith(OUTPUT_SUFFIXES)
-
-
 def collect_inputs(inputs: Iterable[str | Path], suffixes: Sequence[str] = IMAGE_SUFFIXES,
-                   unique_stems: bool = True) -> list[Path]:
-    """Expand files, folders (their images, not recursive) and glob patterns, in order, without repeats.
+                   exclude: Sequence[str] = (), unique_stems: bool = True) -> list[Path]:
+    """Expand files, folders (their files, not recursive) and glob patterns, in order, without repeats.
 
-    Raises :class:`InputError` naming every input that matched nothing and, with ``unique_stems``,
-    every set of inputs sharing a file stem (their outputs ``<stem>_...`` would collide).
+    Folders and globs give the files whose suffix is one of ``suffixes`` and whose name does not end
+    with one of ``exclude`` (e.g. ``_masks.tif``: outputs kept beside the images); a file named
+    explicitly is always taken. Raises :class:`InputError` naming every input that matched nothing
+    and, with ``unique_stems``, every set of inputs sharing a file stem (their outputs would collide).
     """
+
+    def wanted(p: Path) -> bool:
+        return p.is_file() and p.suffix.lower() in suffixes and not p.name.endswith(tuple(exclude))
+
     files: list[Path] = []
     problems: list[str] = []
     for entry in inputs:
         path = Path(entry)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and is_input_image(p, suffixes))
+            found = sorted(p for p in path.iterdir() if wanted(p))
         elif path.is_file():
             found = [path]
         else:
-            found = sorted(Path(p) for p in glob.glob(str(entry), recursive=True) if is_input_image(Path(p), suffixes))
+            found = sorted(p for p in map(Path, glob.glob(str(entry), recursive=True)) if wanted(p))
         if not found:
             problems.append(f"{entry}: no such file, or no images found")
         files.extend(f for f in found if f not in files)
@@ -300,7 +297,8 @@ def run_batch(
     for item in items:
         (todo if overwrite or not item.done() else report.skipped).append(item)
     finished: set[Path] = set()
-    bar = tqdm(total=len(todo), desc=desc, unit="file", disable=None if progress is None else not progress, file=sys.stderr)
+    bar = tqdm(total=len(todo), desc=desc, unit="file", file=sys.stderr,
+               disable=None if progress is None else not progress)
     outcomes = executor.run(job, todo)
     try:
         with _sigterm_raises(), contextlib.closing(outcomes):

@@ -47,8 +47,9 @@ def make_inputs(folder: Path, texts: dict[str, str]) -> list[Path]:
 def test_collect_inputs_expands_and_refuses_before_work(tmp_path):
     a, b, _ = make_inputs(tmp_path / "in", {"a.png": "", "b.tif": "", "b_masks.tif": ""})
     (tmp_path / "in" / "notes.txt").write_text("")
-    # folders list their images (not our outputs), globs expand, repeats are dropped, order is kept
-    assert collect_inputs([str(b), str(tmp_path / "in"), str(tmp_path / "in" / "*.png")]) == [b, a]
+    # folders list their images (not the excluded outputs), globs expand, repeats are dropped, order is kept
+    assert collect_inputs([str(b), str(tmp_path / "in"), str(tmp_path / "in" / "*.png")], exclude=("_masks.tif",)) == [b, a]
+    assert collect_inputs([str(tmp_path / "in" / "*.tif")]) == [b, tmp_path / "in" / "b_masks.tif"]
     with pytest.raises(InputError, match="nothing_here: no such file"):
         collect_inputs([str(a), str(tmp_path / "nothing_here")])
     (other,) = make_inputs(tmp_path / "other", {"a.tif": ""})

@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from phenoscope.batch import BatchReport
 
 
 def _diameter(text: str) -> float | str:
@@ -65,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
-def _print_summary(report, tail: str = "") -> None:
+def _print_summary(report: BatchReport, tail: str = "") -> None:
+    """The failures (one line each), then the counts (stderr)."""
     for line in report.failure_lines():
         print(f"error: {line}", file=sys.stderr)
     print(report.summary("segmented") + tail, file=sys.stderr)

@@ -143,7 +143,8 @@ def check_manifest(out_dir: Path, manifest: dict[str, Any], items: Sequence[Item
             raise InputError(f"{path}: unreadable manifest ({err}); use --overwrite to redo the run") from None
         if not _same_run(old, manifest):
             changed = [k for k in ("model", "sha256") if old.get(k) != manifest.get(k)]
-            changed += [k for k in manifest["parameters"] if old.get("parameters", {}).get(k) != manifest["parameters"][k]]
+            old_params = old.get("parameters", {})
+            changed += [k for k, v in manifest["parameters"].items() if old_params.get(k) != v]
             raise InputError(f"{path}: {out_dir} holds masks of another run (differs in {', '.join(changed)}); "
                              "use --overwrite to redo them, or another --out folder")
     elif any(p.exists() for item in items for p in item.outputs):
@@ -262,10 +263,11 @@ def segment_files(
 
     Before any model is loaded, raises :class:`phenoscope.batch.InputError` for missing inputs,
     same-stem inputs, an unwritable ``out_dir``, a model file that does not exist, or a manifest of
-    another run. ``threads`` > 0 sets torch's CPU threads (in every worker process too). Per-file failures are in the report; SIGINT / SIGTERM raise ``BatchInterrupted``.
+    another run. ``threads`` > 0 sets torch's CPU threads (in every worker process too). Per-file
+    failures are in the report; SIGINT / SIGTERM raise ``BatchInterrupted``.
     """
     out_dir = Path(out_dir)
-    files = collect_inputs(inputs)
+    files = collect_inputs(inputs, exclude=tuple(OUTPUTS.values()))
     check_writable(out_dir)
     items = plan(files, out_dir, _suffixes(save))
     manifest = manifest_for(model, params)
