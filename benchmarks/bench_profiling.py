@@ -1,11 +1,16 @@
-"""BBBC021 profiling benchmark: NSC / NSCB table (± sphering, ± Harmony) and speed vs pycytominer.
+"""BBBC021 profiling benchmark: NSC / NSCB table, sphering-default validation, speed vs pycytominer.
 
-Usage: python benchmarks/bench_profiling.py [--data ../shared/data/bbbc021_profiles] [--repeats 3]
+Usage: python benchmarks/bench_profiling.py [--data ../shared/data/bbbc021_profiles] [--repeats 3] [--weeks]
 
-Prints NSC and NSCB per configuration with its time (median of ``--repeats`` runs after one
-warm-up run; data loading excluded), the whole table's time, and the same pipeline definition
-(per-plate DMSO standardisation, feature selection, mean aggregation) run by pycytominer 1.7.1
-and by phenoscope, side by side, with the speed ratio.
+1. NSC and NSCB per configuration of ``configs/profile/bbbc021.toml`` (± sphering, ± Harmony and
+   ablations) with its time (median of ``--repeats`` runs after one warm-up; loading excluded).
+2. Sphering default validation: on each validation table, fitted and scored on that table alone,
+   replicate mAP against DMSO (and NSC where MoAs allow) without sphering, with Ledoit–Wolf, and
+   with the default (``epsilon="auto"``, chosen on the control wells only). Tables: BBBC021;
+   BBBC021 split by imaging weeks 1–4 / 5–10; the shipped MAD-robustised, feature-selected BBBC021
+   table (other features and normalisation); with ``--weeks``, each imaging week alone.
+3. The same pipeline definition (per-plate DMSO standardisation, feature selection, mean
+   aggregation) run by pycytominer 1.7.1 and by phenoscope, side by side, with the speed ratio.
 """
 
 from __future__ import annotations
@@ -13,21 +18,52 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
-from phenoscope.profiling import aggregate, feature_select, normalize, nsc_accuracy
-from phenoscope.profiling.bbbc021 import (
-    ABLATION_CONFIGS,
-    CONTROLS,
-    STANDARD_CONFIGS,
-    TREATMENT,
-    bbbc021_profiles,
-    load_bbbc021,
+from phenoscope.config import load_config
+from phenoscope.datasets import data_root
+from phenoscope.profiling import (
+    aggregate,
+    feature_select,
+    normalize,
+    nsc_accuracy,
+    replicate_map,
+)
+from phenoscope.datasets.bbbc021 import TREATMENT, load_bbbc021
+from phenoscope.profiling.pipeline import (
+    ProfileConfig,
+    build_profiles,
+    read_table,
+    run_pipeline,
 )
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bbbc021_profiles"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = data_root() / "bbbc021_profiles"
+CONFIG = REPO / "configs" / "profile" / "bbbc021.toml"
+MORPHEUS_FILE = "BBBC021_feature_selected_mad_robustize.csv"
+LW = {"sphere_epsilon": "ledoit-wolf"}
+
+STANDARD = {
+    "no sphering, no Harmony": {"sphere_method": ""},
+    "sphering (Ledoit-Wolf), no Harmony": LW,
+    "sphering (default: auto), no Harmony": {},
+    "no sphering, Harmony (plate)": {"sphere_method": "", "harmony_keys": ["Metadata_Plate"]},
+    "sphering (Ledoit-Wolf) + Harmony (plate)": {**LW, "harmony_keys": ["Metadata_Plate"]},
+}
+ABLATION = {
+    "sphering, pycytominer epsilon (absolute 1e-6)": {"sphere_epsilon": 1e-6, "sphere_epsilon_mode": "absolute"},
+    "sphering, relative epsilon 1e-6": {"sphere_epsilon": 1e-6},
+    "no feature selection, no sphering": {"sphere_method": "", "feature_ops": []},
+    "no feature selection, sphering (Ledoit-Wolf)": {**LW, "feature_ops": []},
+    "no feature selection, sphering (auto)": {"feature_ops": []},
+    "per-plate DMSO sd (pycytominer), no sphering": {"sphere_method": "", "pooled_scale": False, "feature_ops": []},
+    "per-plate DMSO sd (pycytominer), median, no sphering": {"sphere_method": "", "pooled_scale": False, "feature_ops": [], "aggregate_operation": "median"},
+    "per-plate DMSO sd (pycytominer), sphering (Ledoit-Wolf)": {**LW, "pooled_scale": False, "feature_ops": []},
+}
+SPHERING = {"none": {"sphere_method": ""}, "Ledoit-Wolf": LW, "default (auto)": {}}
 
 
 def timed(fn, repeats: int) -> tuple[object, float]:
@@ -41,13 +77,63 @@ def timed(fn, repeats: int) -> tuple[object, float]:
     return result, statistics.median(times)
 
 
-def pycytominer_profiles(wells: pd.DataFrame) -> pd.DataFrame:
+def nsc_table(wells: pd.DataFrame, cfg: ProfileConfig, repeats: int) -> pd.DataFrame:
+    rows = []
+    for group, configs in (("main", STANDARD), ("ablation", ABLATION)):
+        for name, overrides in configs.items():
+            prof, sec = timed(lambda c=replace(cfg, **overrides): build_profiles(wells, c), repeats)
+            rows.append({"table": group, "configuration": name, "NSC": nsc_accuracy(prof),
+                         "NSCB": nsc_accuracy(prof, batch="Metadata_Batch"), "pipeline_s": sec})
+    return pd.DataFrame(rows)
+
+
+def validation_tables(wells: pd.DataFrame, data: Path, weeks: bool) -> dict[str, tuple[pd.DataFrame, dict]]:
+    """name → (table, config overrides) of the sphering validation."""
+    week = wells["Metadata_Batch"].str.removeprefix("Week").astype(int)
+    tables = {
+        "BBBC021": (wells, {}),
+        "BBBC021 weeks 1-4": (wells[week <= 4].reset_index(drop=True), {}),
+        "BBBC021 weeks 5-10": (wells[week > 4].reset_index(drop=True), {}),
+    }
+    if (data / MORPHEUS_FILE).exists():
+        tables["BBBC021 MAD-robustised (Morpheus)"] = (read_table(data / MORPHEUS_FILE), {"label_column": "Metadata_moa"})
+    if weeks:
+        for w in sorted(week.unique()):
+            tables[f"week {w} alone"] = (wells[week == w].reset_index(drop=True), {})
+    return tables
+
+
+def _nsc_or_none(profiles: pd.DataFrame, label: str) -> float | None:
+    try:
+        return nsc_accuracy(profiles, label=label)
+    except ValueError:  # no MoA with two compounds in this table
+        return None
+
+
+def sphering_validation(tables: dict[str, tuple[pd.DataFrame, dict]], cfg: ProfileConfig, null_size: int) -> pd.DataFrame:
+    rows = []
+    for name, (table, overrides) in tables.items():
+        row: dict[str, object] = {"table": name, "wells": len(table), "DMSO wells": int((table["Metadata_Compound"] == "DMSO").sum())}
+        for variant, sph in SPHERING.items():
+            c = replace(cfg, **overrides, **sph)
+            result = run_pipeline(table, c)
+            rep = replicate_map(result.wells, c.treatment_strata, c.controls, null_size=null_size)
+            row[f"mAP {variant}"] = rep["mean_average_precision"].mean()
+            row[f"NSC {variant}"] = _nsc_or_none(result.profiles, c.label_column)
+            if variant == "default (auto)":
+                row["auto chose"] = result.summary["sphering"]
+        row["default >= none (mAP)"] = row["mAP default (auto)"] >= row["mAP none"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pycytominer_profiles(wells: pd.DataFrame, controls: str) -> pd.DataFrame:
     """Per-plate DMSO standardisation → feature selection → treatment mean, all by pycytominer."""
     import pycytominer as pcm
 
     feats = [c for c in wells if not c.startswith("Metadata_")]
     norm = pd.concat(
-        [pcm.normalize(g, features=feats, samples=CONTROLS, method="standardize", output_type=None) for _, g in wells.groupby("Metadata_Plate")]
+        [pcm.normalize(g, features=feats, samples=controls, method="standardize", output_type=None) for _, g in wells.groupby("Metadata_Plate")]
     )
     sel = pcm.feature_select(norm, features=feats, operation=["variance_threshold", "correlation_threshold", "drop_na_columns"], output_type=None)
     kept = [c for c in sel if not c.startswith("Metadata_")]
@@ -56,8 +142,8 @@ def pycytominer_profiles(wells: pd.DataFrame) -> pd.DataFrame:
     return prof.merge(moa, on=TREATMENT)
 
 
-def phenoscope_same_definition(wells: pd.DataFrame) -> pd.DataFrame:
-    x = normalize(wells, "standardize", samples=CONTROLS, by="Metadata_Plate")
+def phenoscope_same_definition(wells: pd.DataFrame, controls: str) -> pd.DataFrame:
+    x = normalize(wells, "standardize", samples=controls, by="Metadata_Plate")
     return aggregate(feature_select(x), TREATMENT)
 
 
@@ -65,31 +151,31 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--null-size", type=int, default=1000, help="null size of the validation's replicate mAP (p-values unused there)")
+    ap.add_argument("--weeks", action="store_true", help="also validate on each imaging week alone")
     ap.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads (1 avoids spin-waiting on a busy machine)")
     args = ap.parse_args(argv)
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(args.threads)
+    cfg = load_config(ProfileConfig, CONFIG)
 
     t0 = time.perf_counter()
     wells = load_bbbc021(args.data)
     print(f"loaded {wells.shape[0]} wells × {wells.shape[1]} columns in {time.perf_counter() - t0:.2f} s")
+    pd.set_option("display.width", 250)
+    pd.set_option("display.max_colwidth", 60)
 
     t_table = time.perf_counter()
-    rows = []
-    for group, configs in (("main", STANDARD_CONFIGS), ("ablation", ABLATION_CONFIGS)):
-        for name, opts in configs.items():
-            prof, sec = timed(lambda o=opts: bbbc021_profiles(wells, o), args.repeats)
-            rows.append({"table": group, "configuration": name, "NSC": nsc_accuracy(prof),
-                         "NSCB": nsc_accuracy(prof, batch="Metadata_Batch"), "pipeline_s": sec})
-    total = time.perf_counter() - t_table
-    with pd.option_context("display.width", 200, "display.max_colwidth", 60):
-        print(pd.DataFrame(rows).round(3).to_string(index=False))
-    print(f"whole table (incl. warm-ups and {args.repeats} repeats each): {total:.2f} s")
+    print(nsc_table(wells, cfg, args.repeats).round(3).to_string(index=False))
+    print(f"whole table (incl. warm-ups and {args.repeats} repeats each): {time.perf_counter() - t_table:.2f} s")
 
-    ours, t_ours = timed(lambda: phenoscope_same_definition(wells), args.repeats)
+    print("\nsphering default validation (replicate mAP vs DMSO; NSC where a MoA has two compounds):")
+    print(sphering_validation(validation_tables(wells, args.data, args.weeks), cfg, args.null_size).round(3).to_string(index=False))
+
+    ours, t_ours = timed(lambda: phenoscope_same_definition(wells, cfg.controls), args.repeats)
     try:
-        ref, t_ref = timed(lambda: pycytominer_profiles(wells), 1)
+        ref, t_ref = timed(lambda: pycytominer_profiles(wells, cfg.controls), 1)
     except ImportError:
         print("pycytominer not installed: no side-by-side timing")
         return 0

@@ -13,8 +13,8 @@ side by side in one run:
 - each ``--backbone NAME=PATH`` (``backbone.safetensors`` from ``phenoscope pretrain``): the class
   token (``NAME``) and class token + mean patch token (``NAME+avg``).
 
-Images are normalised exactly as in pretraining (``config.json`` beside each backbone).
-The lead's floors are printed next to our numbers, with ratios. ``--dna-content`` also reports how
+Images go through `phenoscope embed`'s path with the preprocessing each checkpoint records.
+Reference figures are printed next to our numbers, with ratios. ``--dna-content`` also reports how
 well each feature set predicts the cell's DNA content (log integrated intensity of the DNA object,
 the cue that separates G1, S and G2): 5-fold R² of a ridge regression.
 
@@ -38,12 +38,14 @@ from sklearn.preprocessing import StandardScaler
 
 from phenoscope.datasets.jurkat import DNA_CHANNEL, load_jurkat
 from phenoscope.eval.probes import knn_scores, linear_probe_scores, select_c, stratified_fraction
-from phenoscope.ssl.augment import AugmentConfig, normalize_view, resize
+from phenoscope.core.checkpoint import Preprocessing
+from phenoscope.ssl.augment import resize
 from phenoscope.ssl.backbone import CellViT
-from phenoscope.ssl.checkpoint import load_backbone
+from phenoscope.ssl.checkpoint import load_backbone_checkpoint
+from phenoscope.ssl.embed import EmbedConfig, embed_crops
 
-# Floors measured by the lead (stratified 5-fold macro-F1): (LogReg, kNN).
-FLOORS = {"handcrafted": (0.816, 0.685), "raw": (0.664, 0.591), "random-vit": (0.602, 0.430)}
+# Reference figures (stratified 5-fold macro-F1): (LogReg, kNN).
+REFERENCE = {"handcrafted": (0.816, 0.685), "raw": (0.664, 0.591), "random-vit": (0.602, 0.430)}
 STANDARDIZE_KNN = {"handcrafted"}  # sums of ~1e5 grey levels beside eccentricities <= 1
 DNA_CONTENT = -4  # handcrafted column (from the end, so any channel count): the DNA object's integrated intensity
 
@@ -67,20 +69,15 @@ def handcrafted_features(images: np.ndarray) -> np.ndarray:
     return np.concatenate([np.stack(stats, 1).reshape(len(images), -1), shape], axis=1)
 
 
-@torch.no_grad()
-def vit_features(model: CellViT, images: np.ndarray, aug: AugmentConfig, batch: int = 256) -> dict[str, np.ndarray]:
-    """Class token and class token ⊕ mean patch token for every image (normalised as in training,
-    and resized to the training views' ``global_size`` when that differs from the image size)."""
-    model.eval()
-    cls, avg = [], []
-    for s in range(0, len(images), batch):
-        x = torch.stack([normalize_view(torch.from_numpy(im.astype(np.float32)), aug) for im in images[s : s + batch]])
-        if x.shape[-1] != aug.global_size:
-            x = resize(x, aug.global_size)
-        t = model.forward_tokens(x)
-        cls.append(t["cls"].numpy())
-        avg.append(torch.cat([t["cls"], t["patches"].mean(1)], 1).numpy())
-    return {"cls": np.concatenate(cls), "cls+avg": np.concatenate(avg)}
+def vit_features(model: CellViT, images: np.ndarray, prep: Preprocessing, batch: int = 256) -> dict[str, np.ndarray]:
+    """Class token and class token ⊕ mean patch token for every image, through ``phenoscope embed``'s
+    :func:`embed_crops` with the checkpoint's preprocessing; images are first resized to the training
+    views' size when that differs from theirs."""
+    x = images.astype(np.float32)
+    if prep.input_size and x.shape[-1] != prep.input_size:
+        x = resize(torch.from_numpy(x), prep.input_size).numpy()
+    feats = embed_crops(model.eval(), x, EmbedConfig(batch_size=batch), torch.device("cpu"), prep)
+    return {"cls": feats[:, : model.cfg.embed_dim], "cls+avg": feats}
 
 
 def cross_validate(feats: np.ndarray, y: np.ndarray, fraction: float = 1.0, folds: int = 5, seed: int = 0,
@@ -118,14 +115,6 @@ def dna_content_r2(feats: np.ndarray, target: np.ndarray, folds: int = 5, seed: 
     return float(1 - np.mean((pred - target) ** 2) / np.var(target))
 
 
-def training_augment(backbone_path: Path) -> AugmentConfig:
-    """The normalisation used in pretraining, read from ``config.json`` beside the backbone."""
-    from phenoscope.config import from_dict
-
-    cfg = json.loads((backbone_path.parent / "config.json").read_text())["augment"]
-    return from_dict(AugmentConfig, cfg)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--npz", type=Path, default=None, help="the crops .npz (default: the shared data set)")
@@ -148,19 +137,19 @@ def main() -> None:
         feats["raw"] = images.reshape(len(images), -1).astype(np.float32)
     backbones = [(n, Path(p)) for n, p in (b.split("=", 1) for b in args.backbone)]
     for i, (name, path) in enumerate(backbones):
-        model, aug = load_backbone(path), training_augment(path)
+        model, prep = load_backbone_checkpoint(path)
         if i == 0 and not args.no_references:  # random init, same architecture and normalisation as the first backbone
-            rand = vit_features(CellViT(model.cfg), images, aug)
+            rand = vit_features(CellViT(model.cfg), images, prep)
             feats["random-vit"], feats["random-vit+avg"] = rand["cls"], rand["cls+avg"]
-        out = vit_features(model, images, aug)
+        out = vit_features(model, images, prep)
         feats[name], feats[f"{name}+avg"] = out["cls"], out["cls+avg"]
     print(f"features in {time.time() - t0:.0f} s: " + ", ".join(f"{k} {v.shape[1]}" for k, v in feats.items()))
     results = {k: cross_validate(v, y, 1.0, args.folds, args.seed, k in STANDARDIZE_KNN) for k, v in feats.items()}
-    print("\nstratified 5-fold macro-F1 (ratio = ours / lead's floor for that row, where one exists)")
-    print(f"{'features':<18}{'LogReg':>8}{'kNN':>8}{'floor LR':>10}{'floor kNN':>10}{'ratio LR':>10}{'ratio kNN':>10}   LogReg C by fold")
+    print("\nstratified 5-fold macro-F1 (ratio = ours / the reference figure for that row, where one exists)")
+    print(f"{'features':<18}{'LogReg':>8}{'kNN':>8}{'ref LR':>10}{'ref kNN':>10}{'ratio LR':>10}{'ratio kNN':>10}   LogReg C by fold")
     for k, r in results.items():
-        floor = FLOORS.get(k)
-        extra = f"{floor[0]:>10.3f}{floor[1]:>10.3f}{r['logreg'] / floor[0]:>10.2f}{r['knn'] / floor[1]:>10.2f}" if floor else " " * 40
+        ref = REFERENCE.get(k)
+        extra = f"{ref[0]:>10.3f}{ref[1]:>10.3f}{r['logreg'] / ref[0]:>10.2f}{r['knn'] / ref[1]:>10.2f}" if ref else " " * 40
         print(f"{k:<18}{r['logreg']:>8.3f}{r['knn']:>8.3f}{extra}   " + " ".join(f"{c:g}" for c in r["logreg_C"]))
     print("\nper-class kNN F1\n" + f"{'features':<18}" + "".join(f"{n[:9]:>10}" for n in names))
     for k, r in results.items():

@@ -59,8 +59,9 @@ def test_segment_folder_writes_outputs_that_load_back(tiny_model, images, tmp_pa
 
         assert shape == imread(png).shape[:2] and masks.dtype == np.uint16
         cells = pd.read_csv(out / f"{png.stem}_cells.csv")
-        assert list(cells.columns[:9]) == ["label", "area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0",
-                                           "bbox_y1", "bbox_x1", "mean_intensity_c0"]
+        assert list(cells.columns[:9]) == ["image", "label", "area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0",
+                                           "bbox_y1", "bbox_x1"]
+        assert set(cells.image) <= {png.name} and "mean_intensity_c0" in cells
         assert sorted(cells.label) == sorted(set(np.unique(masks)) - {0})
         assert (cells.area.to_numpy() == np.bincount(masks.ravel())[cells.label]).all()
         seg = np.load(out / f"{png.stem}_seg.npy", allow_pickle=True).item()

@@ -88,17 +88,38 @@ def test_load_config_extends_merges_tables_and_rejects_cycles(tmp_path):
         load_config(_Outer, tmp_path / "mid.toml")
 
 
-SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_CONFIGS = sorted([*(REPO / "configs").rglob("*.toml"), *(REPO / "experiments").rglob("*.toml")])
 
 
-@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=[p.stem for p in SHIPPED_CONFIGS])
-def test_every_shipped_config_loads_into_its_dataclass(path):
-    """configs/pretrain_*.toml are ``phenoscope pretrain`` configs, the others ``phenoscope train`` ones."""
+def _config_class(path: Path) -> type:
+    """The dataclass of a shipped config: by its folder (configs/segment, configs/ssl, experiments/*_ssl, ...)."""
     from phenoscope.segment.training import SegTrainConfig
     from phenoscope.ssl.pretrain import PretrainConfig
 
-    cls = PretrainConfig if path.stem.startswith("pretrain_") else SegTrainConfig
+    folder = path.relative_to(REPO).parts[1]
+    classes = {"segment": SegTrainConfig, "ssl": PretrainConfig, "jurkat_ssl": PretrainConfig}
+    if folder == "profile":
+        from phenoscope.profiling.pipeline import ProfileConfig
+
+        return ProfileConfig
+    return classes[folder]
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=[str(p.relative_to(REPO)) for p in SHIPPED_CONFIGS])
+def test_every_shipped_config_loads_into_its_dataclass(path):
+    cls = _config_class(path)
     assert isinstance(load_config(cls, path), cls)  # raises on unknown options (a typo)
+
+
+def test_shipped_jurkat_dino_recipe_is_the_measured_run():
+    """configs/ssl/jurkat_dino.toml is experiment v12 (dino_depth4.toml) resolved: the figures in its header hold."""
+    from phenoscope.config import to_dict
+    from phenoscope.ssl.pretrain import PretrainConfig
+
+    recipe = load_config(PretrainConfig, REPO / "configs" / "ssl" / "jurkat_dino.toml")
+    measured = load_config(PretrainConfig, REPO / "experiments" / "jurkat_ssl" / "configs" / "dino_depth4.toml")
+    assert to_dict(recipe) == to_dict(measured)
 
 
 def test_label_file_for_prefers_masks_and_never_the_image_itself(tmp_path):

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from phenoscope.core.checkpoint import Preprocessing, read_checkpoint
 from phenoscope.core.io import imwrite_tiff
 from phenoscope.datasets import synthetic_nuclei
 from phenoscope.ssl import embed as emb
@@ -55,7 +56,7 @@ def test_single_cell_rows_features_and_anndata(tmp_path, model_path, data):
     feats = [c for c in table if c.startswith("f")]
     assert len(feats) == 2 * 48  # CLS ⊕ mean patch
     # features equal the backbone's embedding of the self-normalised crop
-    vit = emb.load_embedder(model_path).eval()
+    vit = emb.load_embedder(model_path)[0].eval()
     crops, ids, _ = emb.cell_crops(tifffile.imread(images[0]).astype(np.float32), tifffile.imread(masks[0]), 32)
     with torch.no_grad():
         direct = vit.embed(self_normalize(torch.from_numpy(crops))).numpy()
@@ -133,3 +134,83 @@ def test_cli_embed(tmp_path, model_path, data):
     assert main(["embed", str(tmp_path / "nothing"), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o3")]) == 2
     (tmp_path / "a_file").write_text("")
     assert main(["embed", str(images[0]), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "a_file" / "o")]) == 2
+
+
+def _dataset_normalised_backbone(path, mean, std):
+    torch.manual_seed(1)
+    vit = CellViT(ViTConfig(arch="vit_tiny", depth=2, in_chans=2, patch_size=8, img_size=32, embed_dim=48, num_heads=3))
+    save_backbone(vit, path, Preprocessing(normalize="dataset", channel_mean=mean, channel_std=std, input_size=32))
+    return vit.eval()
+
+
+def test_embed_applies_the_recorded_dataset_normalisation(tmp_path, data):
+    """The CLI path (phenoscope embed) normalises with the checkpoint's dataset statistics, <= 1e-5; the
+    self-normalisation every crop used to get gives other features."""
+    import tifffile
+
+    from phenoscope.cli import main
+
+    images, masks = data
+    mean, std = [300.0, 250.0], [120.0, 90.0]
+    vit = _dataset_normalised_backbone(tmp_path / "dataset_norm.safetensors", mean, std)
+    out = tmp_path / "out"
+    rc = main(["embed", *map(str, images), "--model", str(tmp_path / "dataset_norm.safetensors"), "--out", str(out),
+               "--masks", str(images[0].parent), "--crop-size", "32"])
+    assert rc == 0
+    table = pd.read_parquet(out / "embeddings.parquet")
+    feats = table[[c for c in table if c.startswith("f")]].to_numpy()
+    rows = (table.Metadata_Image == "im0").to_numpy()
+    crops, _, _ = emb.cell_crops(tifffile.imread(images[0]).astype(np.float32), tifffile.imread(masks[0]), 32)
+    x = torch.from_numpy(crops)
+    m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    with torch.no_grad():
+        expected = vit.embed((x - m) / s).numpy()
+        old_behaviour = vit.embed(self_normalize(x)).numpy()
+    np.testing.assert_allclose(feats[rows], expected, atol=1e-5)
+    assert np.abs(feats[rows] - old_behaviour).max() > 1e-2  # what embed computed before it read the checkpoint
+
+
+def test_earlier_backbone_format_reads_its_pretraining_config(tmp_path):
+    """A backbone saved with only ``vit_config`` metadata still loads; its normalisation comes from the
+    ``config.json`` of its pretraining run beside it, else per-channel self-normalisation."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from phenoscope.config import to_dict
+
+    vit = CellViT(ViTConfig(arch="vit_tiny", depth=1, in_chans=2, patch_size=8, img_size=32, embed_dim=48, num_heads=3))
+    path = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path), metadata={"vit_config": json.dumps(to_dict(vit.cfg))})
+    model, prep = emb.load_embedder(path)
+    assert prep == Preprocessing() and model.cfg == vit.cfg
+    (tmp_path / "config.json").write_text(json.dumps({"bag_of_channels": False, "augment": {
+        "normalize": "dataset", "channel_mean": [1.0, 2.0], "channel_std": [3.0, 4.0], "global_size": 32}}))
+    prep = emb.load_embedder(path)[1]
+    assert (prep.normalize, prep.channel_mean, prep.channel_std, prep.input_size) == ("dataset", [1.0, 2.0], [3.0, 4.0], 32)
+
+
+def test_bag_of_channels_pretrain_save_embed(tmp_path, data):
+    """Bag-of-channels end to end: pretrain a 1-channel ViT, the checkpoint records it, embed gives
+    every channel's features side by side."""
+    from phenoscope.cli import main
+
+    images, masks = data
+    np.savez(tmp_path / "x.npz", images=np.random.default_rng(0).random((8, 2, 32, 32), dtype=np.float32))
+    (tmp_path / "c.toml").write_text(
+        'bag_of_channels = true\n[vit]\narch = "vit_tiny"\npatch_size = 8\nimg_size = 32\ndepth = 1\n'
+        "[augment]\nglobal_size = 32\nn_local = 0\n[train]\nepochs = 1\nbatch_size = 4\nwarmup_epochs = 0\nprogress_bar = false\n"
+        "[dino]\nn_prototypes = 64\nhead_hidden_dim = 32\nhead_bottleneck_dim = 16\n"
+    )
+    assert main(["pretrain", "--method", "dino", "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "p"),
+                 "--config", str(tmp_path / "c.toml")]) == 0
+    ckpt = read_checkpoint(tmp_path / "p" / "backbone.safetensors")
+    assert ckpt.preprocessing.bag_of_channels and ckpt.preprocessing.input_size == 32
+    assert "pretrain" in ckpt.provenance["command"] or ckpt.provenance["config"]["bag_of_channels"]
+    model, _ = emb.load_embedder(tmp_path / "p" / "backbone.safetensors")
+    assert isinstance(model, emb.BagOfChannels)
+    out = emb.embed_images(images[:1], tmp_path / "p" / "backbone.safetensors", tmp_path / "e", emb.EmbedConfig(crop_size=32),
+                           masks[:1], progress=False)
+    table = pd.read_parquet(tmp_path / "e" / "embeddings.parquet")
+    assert out["rows"] == len(table) > 0
+    assert sum(c.startswith("f") for c in table) == 2 * 2 * 192  # 2 channels x (CLS + mean patch) x ViT-tiny width

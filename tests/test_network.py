@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from phenoscope.core.checkpoint import read_checkpoint
 from phenoscope.core.normalize import normalize_percentile
 from phenoscope.datasets import dsb_image, dsb_index
 from phenoscope.segment.checkpoint import (
@@ -113,7 +116,9 @@ def test_cellpose_file_import_and_safetensors_roundtrip(reference, tmp_path):
     net = load_cellpose_checkpoint(tmp_path / "cpsam_small.pt")
     assert net.cfg.depth == 2 and net.cfg.rel_pos_rows == (27, 27)
     path = save_model(net, tmp_path / "model")
-    assert path.suffix == ".safetensors" and path.with_suffix(".json").exists()
+    assert path.suffix == ".safetensors" and not path.with_suffix(".json").exists()  # self-describing
+    ckpt = read_checkpoint(path)
+    assert ckpt.kind == "cellpose-sam" and ckpt.preprocessing.normalize == "percentile"
     again = load_network(path)
     assert again.cfg == net.cfg
     for k, v in net.state_dict().items():
@@ -134,10 +139,13 @@ def test_strict_load_reports_key_diff(reference, tmp_path):
 
 
 def test_pickled_code_is_refused(tmp_path):
+    marker = tmp_path / "payload_ran"
+
     class Evil:
         def __reduce__(self):
-            return (print, ("executed",))
+            return (Path.touch, (marker,))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="weights-only"):
+    with pytest.raises(ValueError, match=r"evil.pt: contains non-tensor objects; refused \(weights are loaded without executing code\)"):
         load_cellpose_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()

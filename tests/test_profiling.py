@@ -8,7 +8,6 @@ import pytest
 
 from phenoscope.profiling import (
     aggregate,
-    average_precision,
     feature_select,
     fit_spherizer,
     harmonize,
@@ -16,6 +15,7 @@ from phenoscope.profiling import (
     moa_micro_auprc,
     normalize,
     nsc_accuracy,
+    retrieval_average_precision,
     spherize,
 )
 
@@ -118,14 +118,14 @@ def test_shrinkage_spherize_whitens_full_rank_controls() -> None:
     x = rng.normal(size=(2000, 5)) @ rng.normal(size=(5, 5))
     sph = fit_spherizer(x, "ZCA", epsilon=1e-9)
     np.testing.assert_allclose(np.cov(sph.transform(x), rowvar=False), np.eye(5), atol=1e-6)
-    lw = fit_spherizer(x, "ZCA")  # Ledoit–Wolf: tiny shrinkage with n ≫ d
+    lw = fit_spherizer(x, "ZCA", epsilon="ledoit-wolf")  # tiny shrinkage with n ≫ d
     assert 0 <= lw.epsilon < 0.05
 
 
 def test_spherize_fewer_controls_than_features_is_bounded() -> None:
     rng = np.random.default_rng(2)
     x = rng.normal(size=(20, 50))
-    sph = fit_spherizer(x, "ZCA")  # relative Ledoit–Wolf default
+    sph = fit_spherizer(x, "ZCA", epsilon="ledoit-wolf")
     lam = np.linalg.eigvalsh(np.cov(x, rowvar=False))
     gains = np.linalg.svd(sph.W, compute_uv=False)
     bound = np.sqrt(1 + lam.max() / (sph.epsilon * lam.mean()))  # condition number of (Σ + ελ̄I)^(-1/2)
@@ -180,7 +180,7 @@ def test_average_precision_matches_copairs(spec: dict) -> None:
     meta_cols = [c for c in df if c.startswith("Metadata_")]
     feats = df[[c for c in df if not c.startswith("Metadata_")]].to_numpy()
     ref = copairs_map.average_precision(df[meta_cols], feats, progress_bar=False, **spec)
-    ours = average_precision(df, **spec)
+    ours = retrieval_average_precision(df, **spec)
     np.testing.assert_allclose(ours["average_precision"].to_numpy(), ref["average_precision"].to_numpy(dtype=float), atol=1e-6, equal_nan=True)
     np.testing.assert_array_equal(ours["n_pos_pairs"].to_numpy(), ref["n_pos_pairs"].to_numpy())
     ref_map = copairs_map.mean_average_precision(ref, spec["pos_sameby"], null_size=100, threshold=0.05, seed=0, progress_bar=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -12,22 +11,14 @@ from phenoscope.cli import main
 from phenoscope.profiling import figures
 
 
-def test_token_maps_and_report(tmp_path) -> None:
-    tokens = np.random.default_rng(0).normal(size=(2, 6, 6, 16))
-    rgb = figures.patch_pca_rgb(tokens)
-    assert rgb.shape == (2, 6, 6, 3) and rgb.min() >= 0 and rgb.max() <= 1
-    sim = figures.query_similarity_map(tokens[0], (2, 3))
-    assert sim[2, 3] == pytest.approx(1.0)
-    pngs = [figures.plot_token_maps(tokens, tmp_path / "tokens.png", (2, 3)),
-            figures.plot_confusion(["a", "b", "a"], ["a", "a", "a"], tmp_path / "cm.png")]
+def test_confusion_and_report(tmp_path) -> None:
+    pngs = [figures.plot_confusion(["a", "b", "a"], ["a", "a", "a"], tmp_path / "cm.png")]
     report = figures.write_report(pngs, tmp_path / "report.html")
-    assert "tokens.png" in report.read_text() and all(p.stat().st_size > 1000 for p in pngs)
-    with pytest.raises(ValueError, match="n_images"):
-        figures.patch_pca_rgb(tokens[0])
+    assert "cm.png" in report.read_text() and all(p.stat().st_size > 1000 for p in pngs)
 
 
 def test_profile_cli_on_bbbc021(bbbc021_dir, tmp_path, capsys) -> None:
-    from phenoscope.profiling.bbbc021 import load_bbbc021
+    from phenoscope.datasets.bbbc021 import load_bbbc021
 
     table = tmp_path / "wells.parquet"
     load_bbbc021(bbbc021_dir).to_parquet(table)
@@ -39,7 +30,7 @@ def test_profile_cli_on_bbbc021(bbbc021_dir, tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_profile_cli_figures(bbbc021_dir, tmp_path) -> None:
-    from phenoscope.profiling.bbbc021 import load_bbbc021
+    from phenoscope.datasets.bbbc021 import load_bbbc021
 
     table = tmp_path / "wells.csv"
     load_bbbc021(bbbc021_dir).to_csv(table, index=False)

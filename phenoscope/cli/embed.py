@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     from phenoscope.batch import BatchInterrupted, check_writable, collect_inputs
     from phenoscope.config import load_config
-    from phenoscope.core.io import label_file_for
+    from phenoscope.core.io import IMAGE_SUFFIXES, label_file_for
     from phenoscope.segment.files import OUTPUTS
     from phenoscope.ssl.embed import EmbedConfig, embed_images
 
@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if cfg.crop_size and args.masks is None:
         print("error: --crop-size (single-cell mode) needs --masks", file=sys.stderr)
         return 2
-    # images beside their masks are fine; parts are numbered, not named by stem
-    files = collect_inputs(args.inputs, exclude=tuple(OUTPUTS.values()), unique_stems=False)
+    # images (or .npz crop stacks) beside their masks are fine; parts are numbered, not named by stem
+    files = collect_inputs(args.inputs, (*IMAGE_SUFFIXES, ".npz"), tuple(OUTPUTS.values()), unique_stems=False)
     check_writable(args.out)
     masks = [label_file_for(f, args.masks) for f in files] if args.masks else None
     metadata = None

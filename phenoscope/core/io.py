@@ -69,41 +69,28 @@ _FILE_MODE = 0o666 & ~_read_umask()  # read once at import (os.umask is process-
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
-    """Open a temp file beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp *path* beside ``path`` (same suffix, for writers that need a file name); it is
+    renamed onto ``path`` only if the block succeeds, and removed otherwise."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
+        yield Path(tmp)
         os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def atomic_path(path: str | Path) -> contextlib.AbstractContextManager[Path]:
-    """Yield a temp *path* beside ``path`` for writers that need a file name; renamed on success."""
-
-    @contextlib.contextmanager
-    def _ctx() -> Iterator[Path]:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent)
-        os.close(fd)
-        try:
-            yield Path(tmp)
-            os.chmod(tmp, _FILE_MODE)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
-    return _ctx()
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
+    """Open a temp file beside ``path`` (``mode`` as for :func:`open`); it replaces ``path`` only if the block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, mode) as fh:
+        yield fh
 
 
 def imwrite_tiff(path: str | Path, arr: np.ndarray, **kwargs) -> None:

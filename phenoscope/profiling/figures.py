@@ -1,7 +1,6 @@
 """Profiling figures written as PNG (atomically) and gathered into one HTML report.
 
-UMAP coloured by a metadata column, clustered cosine-similarity matrix, low-shot curves,
-confusion matrix, and patch-token maps (PCA → RGB, query-token similarity) from token arrays.
+UMAP coloured by a metadata column, clustered cosine-similarity matrix and confusion matrix.
 """
 
 from __future__ import annotations
@@ -30,18 +29,31 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def palette(n: int) -> list[tuple[tuple[float, float, float, float], str]]:
+    """``n`` distinct (colour, marker) styles: 20 colours (tab10, then tab20's light shades, which
+    also change the marker so a light shade is not read as its dark twin), then the colours again
+    with further markers."""
+    tab20 = plt.get_cmap("tab20").colors
+    colours = [*tab20[0::2], *tab20[1::2]]
+    return [((*colours[i % len(colours)], 1.0), MARKERS[(i // 10) % len(MARKERS)]) for i in range(n)]
+
+
 def plot_umap(profiles: pd.DataFrame, color: str, path: str | Path, seed: int = 0, features: Sequence[str] | None = None) -> Path:
-    """2-D UMAP (umap-learn, cosine metric) of the profiles, points coloured by ``color``."""
+    """2-D UMAP (umap-learn, cosine metric) of the profiles, points styled by ``color`` (see ``palette``)."""
     import umap
 
     require_columns(profiles, [color])
     _, x = feature_matrix(profiles, features)
     emb = umap.UMAP(n_neighbors=min(15, len(x) - 1), metric="cosine", random_state=seed).fit_transform(x)
+    groups = profiles.groupby(color, sort=True, dropna=False).indices
     fig, ax = plt.subplots(figsize=(7, 6))
-    for value, rows in profiles.groupby(color, sort=True, dropna=False).indices.items():
-        ax.scatter(emb[rows, 0], emb[rows, 1], s=12, label=str(value))
+    for (value, rows), (colour, marker) in zip(groups.items(), palette(len(groups))):
+        ax.scatter(emb[rows, 0], emb[rows, 1], s=18, color=colour, marker=marker, label=str(value), edgecolors="none")
     ax.set(xlabel="UMAP 1", ylabel="UMAP 2", title=f"UMAP coloured by {color}")
-    ax.legend(fontsize=6, markerscale=1.5, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.legend(fontsize=7, markerscale=1.3, bbox_to_anchor=(1.01, 1), loc="upper left")
     return _save(fig, path)
 
 
@@ -67,16 +79,6 @@ def plot_similarity_matrix(profiles: pd.DataFrame, label: str, path: str | Path,
     return _save(fig, path)
 
 
-def plot_low_shot(curve: pd.DataFrame, path: str | Path, metric: str = "macro_f1") -> Path:
-    """Low-shot curve (``classify.low_shot_curve`` output): ``metric`` mean ± sd vs label fraction."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for probe, df in curve.groupby("probe"):
-        ax.errorbar(df["fraction"] * 100, df[f"{metric}_mean"], yerr=df[f"{metric}_sd"], marker="o", capsize=3, label=probe)
-    ax.set(xscale="log", xlabel="% of training labels", ylabel=metric, title="Low-shot evaluation")
-    ax.legend()
-    return _save(fig, path)
-
-
 def plot_confusion(y_true: Sequence, y_pred: Sequence, path: str | Path, labels: Sequence | None = None) -> Path:
     """Row-normalised confusion matrix (sklearn) with counts in the cells."""
     from sklearn.metrics import confusion_matrix
@@ -94,48 +96,18 @@ def plot_confusion(y_true: Sequence, y_pred: Sequence, path: str | Path, labels:
     return _save(fig, path)
 
 
-def patch_pca_rgb(tokens: np.ndarray) -> np.ndarray:
-    """Patch tokens (n_images, h, w, D) → RGB maps (n_images, h, w, 3) in [0, 1].
-
-    The first 3 principal components over all patches of all images, min-max scaled per component.
-    """
-    if tokens.ndim != 4:
-        raise ValueError(f"tokens must have shape (n_images, h, w, D), got {tokens.shape}")
-    flat = tokens.reshape(-1, tokens.shape[-1]).astype(np.float64)
-    flat = flat - flat.mean(axis=0)
-    _, _, vt = np.linalg.svd(flat, full_matrices=False)
-    pcs = flat @ vt[:3].T
-    pcs = (pcs - pcs.min(axis=0)) / np.maximum(np.ptp(pcs, axis=0), 1e-12)
-    return pcs.reshape(*tokens.shape[:3], 3)
-
-
-def query_similarity_map(tokens: np.ndarray, query: tuple[int, int]) -> np.ndarray:
-    """Cosine similarity (h, w) of every patch token of one image (h, w, D) to the token at ``query`` (row, col)."""
-    if tokens.ndim != 3:
-        raise ValueError(f"tokens must have shape (h, w, D), got {tokens.shape}")
-    u = tokens / np.maximum(np.linalg.norm(tokens, axis=-1, keepdims=True), 1e-12)
-    return u @ u[query]
-
-
-def plot_token_maps(tokens: np.ndarray, path: str | Path, query: tuple[int, int] | None = None) -> Path:
-    """One column per image: PCA→RGB map and (if ``query``) the query-token similarity map."""
-    rgb = patch_pca_rgb(tokens)
-    rows = 2 if query is not None else 1
-    fig, axes = plt.subplots(rows, len(tokens), figsize=(2.5 * len(tokens), 2.5 * rows), squeeze=False)
-    for i in range(len(tokens)):
-        axes[0, i].imshow(rgb[i])
-        axes[0, i].set_axis_off()
-        if query is not None:
-            axes[1, i].imshow(query_similarity_map(tokens[i], query), cmap="magma", vmin=-1, vmax=1)
-            axes[1, i].plot(query[1], query[0], "c+")
-            axes[1, i].set_axis_off()
-    return _save(fig, path)
+REPORT_STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}"
+    "th{background:#f0f0f0}figure{margin:1em 0}figcaption{color:#555;font-size:13px}"
+)
 
 
 def write_report(pngs: Sequence[str | Path], path: str | Path, title: str = "phenoscope profiling report", tables: dict[str, pd.DataFrame] | None = None) -> Path:
-    """HTML page with the given tables and PNGs (linked relative to the report's folder)."""
+    """HTML page with the given tables (in order) and PNGs (linked relative to the report's folder)."""
     path = Path(path)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{REPORT_STYLE}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
     for name, table in (tables or {}).items():
         parts += [f"<h2>{html.escape(name)}</h2>", table.to_html(index=False, float_format="{:.3f}".format)]
     for png in pngs:

@@ -39,22 +39,34 @@ def require_columns(profiles: pd.DataFrame, columns: Sequence[str], what: str = 
         raise ValueError(f"{what} column(s) {missing} not in table; available metadata: {metadata_columns(profiles)}")
 
 
-def sample_mask(profiles: pd.DataFrame, samples: str | None) -> np.ndarray:
+def sample_mask(profiles: pd.DataFrame, samples: str | None, allow_empty: bool = False) -> np.ndarray:
     """Boolean row mask from a ``DataFrame.query`` expression (``None`` or ``"all"`` = every row).
 
-    Example: ``"Metadata_Compound == 'DMSO'"``. Raises ``ValueError`` if no row matches.
+    Example: ``"Metadata_Compound == 'DMSO'"``; the expression sees the metadata columns only.
+    Raises ``ValueError`` for an expression that does not evaluate to one boolean per row, and
+    (unless ``allow_empty``) if no row matches.
     """
     if samples is None or samples == "all":
         return np.ones(len(profiles), dtype=bool)
     try:
-        mask = np.asarray(profiles.eval(samples), dtype=bool)
+        mask = np.asarray(profiles[metadata_columns(profiles)].eval(samples), dtype=bool)
     except Exception as err:  # pandas raises many types for a bad expression
         raise ValueError(f"cannot evaluate samples query {samples!r}: {err}") from err
     if mask.shape != (len(profiles),):
         raise ValueError(f"samples query {samples!r} is not a row-wise boolean condition")
-    if not mask.any():
+    if not (allow_empty or mask.any()):
         raise ValueError(f"samples query {samples!r} matches no rows")
-    return np.asarray(mask)
+    return mask
+
+
+def drop_rows(profiles: pd.DataFrame, query: str | None) -> pd.DataFrame:
+    """``profiles`` without the rows matching ``query`` (e.g. the controls); ``None`` keeps every row.
+
+    The query is validated as in ``sample_mask``; matching no row is allowed.
+    """
+    if query is None:
+        return profiles
+    return profiles.loc[~sample_mask(profiles, query, allow_empty=True)]
 
 
 def feature_matrix(profiles: pd.DataFrame, features: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:

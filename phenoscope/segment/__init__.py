@@ -4,21 +4,28 @@ Public names
 ------------
 masks_to_flows(masks)                     label image → unit diffusion flows
 compute_masks(dP, cellprob, ...)          network flows + cellprob → label image
+MaskOptions                               the dynamics options (thresholds, size filters)
 segment_classic(image, ...)               Otsu + distance-transform watershed baseline
-load_model(name_or_path, device=None)     a Cellpose-SAM network ready for ``.segment(image)``
+load_model(name_or_path, device=None)     a :class:`CellposeSAM` ready for ``.segment(image)``
+
+Subpackages: ``preprocess`` (axes, channels, normalisation), ``inference`` (tiled prediction),
+``training`` (data, augmentations, objective, :func:`train_segmentation`), ``checkpoint``, ``outputs``.
 """
 
 from phenoscope.segment.classic import segment_classic
 from phenoscope.segment.dynamics import compute_masks
 from phenoscope.segment.flows import masks_to_flows
+from phenoscope.segment.options import MaskOptions
 
-__all__ = ["compute_masks", "load_model", "masks_to_flows", "segment_classic"]
+_INFERENCE = ("CellposeSAM", "SegmentResult", "load_model")
+
+__all__ = ["CellposeSAM", "MaskOptions", "SegmentResult", "compute_masks", "load_model", "masks_to_flows", "segment_classic"]
 
 
 def __getattr__(name: str):
-    # The network stack imports torch/timm; keep ``import phenoscope.segment`` light.
-    if name == "load_model":
-        from phenoscope.segment.inference import load_model
+    # The network stack (timm, the checkpoint readers) loads on first use.
+    if name in _INFERENCE:
+        from phenoscope.segment import inference
 
-        return load_model
+        return getattr(inference, name)
     raise AttributeError(f"module 'phenoscope.segment' has no attribute {name!r}")

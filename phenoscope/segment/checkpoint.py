@@ -1,24 +1,26 @@
-"""Checkpoints: import cellpose cpsam state dicts; save/load our own as safetensors + JSON.
+"""Segmentation checkpoints: import cellpose cpsam state dicts; save/load our own networks.
 
 Cellpose files are read with ``torch.load(weights_only=True)`` (no code is unpickled). Our own models
-are ``<name>.safetensors`` with ``<name>.json`` beside it holding the :class:`NetConfig`.
-Every load is strict; a mismatch raises ``ValueError`` listing missing, unexpected and mis-shaped keys.
+are self-describing ``.safetensors`` checkpoints (:mod:`phenoscope.core.checkpoint`, kind ``cellpose-sam``:
+the :class:`NetConfig`, percentile preprocessing and provenance in the metadata); files with the earlier
+``.json`` sidecar still load. Every load is strict; a mismatch raises ``ValueError`` listing missing,
+unexpected and mis-shaped keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from phenoscope.core.io import atomic_path, atomic_write
+from phenoscope.core.checkpoint import Preprocessing, read_checkpoint, read_torch_weights, save_checkpoint
 from phenoscope.core.state import load_state_strict
 from phenoscope.segment.net import CellposeSAMNet, NetConfig
 
-FORMAT = "phenoscope-cellpose-sam"
+KIND = "cellpose-sam"
 # keys of cellpose's CPSAM that hold no learnable state of ours
 _CELLPOSE_EXTRA = ("W2", "diam_mean", "diam_labels")
 
@@ -74,51 +76,32 @@ def import_cellpose_state(state: Mapping[str, torch.Tensor]) -> CellposeSAMNet:
 
 def load_cellpose_checkpoint(path: str | Path) -> CellposeSAMNet:
     """Read a cellpose cpsam file (``torch.save`` of a state dict) safely and import it."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, zip errors, forbidden globals
-        raise ValueError(f"{path}: not a loadable weights-only torch checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return import_cellpose_state(state)
+    return import_cellpose_state(read_torch_weights(path))
 
 
-def _json_path(path: Path) -> Path:
-    return path.with_suffix(".json")
+def save_model(net: CellposeSAMNet, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Write the network as a self-describing checkpoint (``.safetensors``, :mod:`phenoscope.core.checkpoint`)."""
+    return save_checkpoint(path, net.state_dict(), KIND, dataclasses.asdict(net.cfg), Preprocessing(normalize="percentile"),
+                           provenance)
 
 
-def save_model(net: CellposeSAMNet, path: str | Path) -> Path:
-    """Write ``path`` (``.safetensors``) and its hyper-parameters to ``path.with_suffix('.json')`` atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path).with_suffix(".safetensors")
-    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT})
-    meta = {"format": FORMAT, "version": 1, "config": dataclasses.asdict(net.cfg)}
-    with atomic_write(_json_path(path), "w") as fh:
-        json.dump(meta, fh, indent=2)
-    return path
+def net_config(config: Mapping[str, Any], where: str) -> NetConfig:
+    """:class:`NetConfig` from its JSON form (lists back to tuples); unknown fields are an error naming ``where``."""
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(NetConfig)})
+    if unknown:
+        raise ValueError(f"{where}: unknown config field(s) {unknown}")
+    return NetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
 
 
 def load_saved_model(path: str | Path) -> CellposeSAMNet:
-    """Load a network written by :func:`save_model` (strict)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    meta_path = _json_path(path)
-    if not meta_path.exists():
-        raise ValueError(f"{path}: hyper-parameter file {meta_path.name} is missing beside the weights")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: not a {FORMAT} model description (format={meta.get('format')!r})")
-    fields = {f.name for f in dataclasses.fields(NetConfig)}
-    unknown = sorted(set(meta["config"]) - fields)
-    if unknown:
-        raise ValueError(f"{meta_path}: unknown config field(s) {unknown}")
-    cfg = NetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
-    net = CellposeSAMNet(cfg)
-    load_state_strict(net, load_file(str(path)), str(path))
+    """Load a network written by :func:`save_model` (or its earlier ``.json``-sidecar form), strictly."""
+    ckpt = read_checkpoint(path)
+    if ckpt.kind != KIND:
+        raise ValueError(f"{path}: a {ckpt.kind!r} checkpoint, not a segmentation network ({KIND!r})")
+    if ckpt.preprocessing.normalize != "percentile":
+        raise ValueError(f"{path}: segmentation needs percentile normalisation, checkpoint records {ckpt.preprocessing.normalize!r}")
+    net = CellposeSAMNet(net_config(ckpt.config, str(path)))
+    load_state_strict(net, ckpt.state, str(path))
     return net
 
 

@@ -223,7 +223,7 @@ def segment_file(path: str | Path, out_dir: str | Path, segmenter: Segmenter, ch
     masks, flows, cellprob, diameter = segmenter(image)  # raises on NaN/inf (normalisation)
     stem = path.stem
     outputs.write_masks(out_dir / f"{stem}_masks.tif", masks)
-    outputs.write_cell_table(out_dir / f"{stem}_cells.csv", masks, yxc)
+    outputs.write_cell_table(out_dir / f"{stem}_cells.csv", masks, yxc, image_name=path.name)
     if "seg" in save:
         outputs.write_seg_npy(out_dir / f"{stem}_seg.npy", path, masks, flows, cellprob, diameter)
     if "outlines" in save:

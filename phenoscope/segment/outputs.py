@@ -28,15 +28,20 @@ def write_masks(path: str | Path, masks: np.ndarray) -> None:
         tifffile.imwrite(tmp, masks.astype(label_dtype(masks)), compression="zlib")
 
 
-def cell_table(masks: np.ndarray, image_yxc: np.ndarray) -> pd.DataFrame:
-    """One row per cell: label, area (px), centroid (y, x), bbox (y0, x0, y1, x1; half-open), and the mean
-    intensity of each channel of the raw (H, W, C) image (columns ``mean_intensity_c<k>``)."""
+SHAPE_PROPERTIES = ("perimeter", "eccentricity", "solidity", "axis_major_length", "axis_minor_length")
+
+
+def cell_table(masks: np.ndarray, image_yxc: np.ndarray, image_name: str | None = None) -> pd.DataFrame:
+    """One row per cell: ``image`` (the source file name, if given), label, area (px), centroid (y, x),
+    bbox (y0, x0, y1, x1; half-open), shape (perimeter in px, eccentricity, solidity, major and minor
+    axis lengths in px) and the mean intensity of each channel of the raw (H, W, C) image
+    (columns ``mean_intensity_c<k>``)."""
     from skimage.measure import regionprops_table
 
     table = regionprops_table(
         masks.astype(np.int64, copy=False),
         intensity_image=image_yxc.astype(np.float32, copy=False),
-        properties=("label", "area", "centroid", "bbox", "intensity_mean"),
+        properties=("label", "area", "centroid", "bbox", *SHAPE_PROPERTIES, "intensity_mean"),
     )
     df = pd.DataFrame(table)
     names = {"centroid-0": "centroid_y", "centroid-1": "centroid_x", "bbox-0": "bbox_y0", "bbox-1": "bbox_x0",
@@ -45,11 +50,15 @@ def cell_table(masks: np.ndarray, image_yxc: np.ndarray) -> pd.DataFrame:
     df = df.rename(columns=names)
     if "intensity_mean" in df:  # single-channel images
         df = df.rename(columns={"intensity_mean": "mean_intensity_c0"})
-    return df.astype({"label": np.int64, "area": np.int64})
+    df = df.astype({"label": np.int64, "area": np.int64})
+    if image_name is not None:
+        df.insert(0, "image", image_name)
+    return df
 
 
-def write_cell_table(path: str | Path, masks: np.ndarray, image_yxc: np.ndarray) -> pd.DataFrame:
-    df = cell_table(masks, image_yxc)
+def write_cell_table(path: str | Path, masks: np.ndarray, image_yxc: np.ndarray, image_name: str | None = None) -> pd.DataFrame:
+    """:func:`cell_table` written as CSV, atomically."""
+    df = cell_table(masks, image_yxc, image_name)
     with atomic_write(path, "w") as fh:
         df.to_csv(fh, index=False)
     return df
@@ -86,7 +95,7 @@ def write_seg_npy(
         "masks": masks.astype(dtype),
         "chan_choose": [0, 0],
         "ismanual": np.zeros(int(masks.max(initial=0)), bool),
-        "filename": str(image_path),
+        "filename": str(Path(image_path).resolve()),  # absolute, so the cellpose GUI finds the image
         "flows": flowi,
         "diameter": np.nan if diameter is None else float(diameter),
     }
@@ -94,12 +103,24 @@ def write_seg_npy(
         np.save(fh, np.array(dat, dtype=object), allow_pickle=True)
 
 
+def display_rgb(image_yxc: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 for display: an 8-bit image in its own colours (first 3 channels, alpha dropped;
+    gray replicated); other dtypes (16-bit, float) stretched per channel from the 1st to the 99th percentile."""
+    img = image_yxc[..., :3]
+    if img.dtype == np.uint8:
+        rgb = img
+    else:
+        rgb = (np.clip(normalize_percentile(img, channel_axis=-1), 0, 1) * 255).astype(np.uint8)
+    if rgb.shape[-1] == 1:
+        return np.repeat(rgb, 3, axis=-1)
+    if rgb.shape[-1] == 2:
+        return np.pad(rgb, ((0, 0), (0, 0), (0, 1)))
+    return np.ascontiguousarray(rgb)
+
+
 def overlay_rgb(image_yxc: np.ndarray, masks: np.ndarray, color: tuple[int, int, int] = (255, 0, 0)) -> np.ndarray:
-    """(H, W, 3) uint8: the normalised image (first 3 channels; gray if 1) with mask outlines drawn in ``color``."""
-    img = np.clip(normalize_percentile(image_yxc[..., :3], channel_axis=-1), 0, 1)
-    if img.shape[-1] < 3:
-        img = np.repeat(img[..., :1], 3, axis=-1) if img.shape[-1] == 1 else np.pad(img, ((0, 0), (0, 0), (0, 1)))
-    rgb = (img * 255).astype(np.uint8)
+    """(H, W, 3) uint8: the image as :func:`display_rgb` shows it, with mask outlines drawn in ``color``."""
+    rgb = display_rgb(image_yxc).copy()
     rgb[outlines(masks)] = color
     return rgb
 

@@ -7,22 +7,33 @@ percentile normalisation, and the bilinear resize that brings cells to the netwo
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from phenoscope.core.axes import channels_last
+from phenoscope.core.axes import channels_last, guess_channel_axis
 from phenoscope.core.normalize import normalize_percentile
 
 MIN_SIDE = 16  # px; smaller images cannot hold a cell of min_size at the network's scale
+MAX_GUESSED_CHANNELS = 5  # more planes on a guessed channel axis are a Z-stack or a time series, not channels
 
 
 def to_yxc(image: np.ndarray, channel_axis: int | None = None, max_channels: int = 3) -> np.ndarray:
     """View an image as (H, W, C) with C ≤ ``max_channels`` (the first channels are kept).
 
     YX images get one channel; without ``channel_axis`` the channel axis of a 3D array is guessed
-    (:func:`phenoscope.core.axes.guess_channel_axis`).
+    (:func:`phenoscope.core.axes.guess_channel_axis`), and more than ``MAX_GUESSED_CHANNELS`` planes
+    there are refused as a stack (Z or time) rather than segmented as one 2D image.
     """
+    if channel_axis is None and np.ndim(image) == 3:
+        n = np.shape(image)[guess_channel_axis(np.shape(image))]
+        if n > MAX_GUESSED_CHANNELS:
+            raise ValueError(
+                f"image of shape {np.shape(image)} looks like a stack of {n} planes (Z or time), not channels; "
+                "2D segmentation takes YX, YXC or CYX images (give the channel axis if these are channels)"
+            )
     image = channels_last(image, channel_axis)
     if image.dtype.kind not in "biuf":
         raise ValueError(f"unsupported image dtype {image.dtype}")
@@ -45,7 +56,11 @@ def network_input(image: np.ndarray, channel_axis: int | None, in_chans: int, me
     """(C ≤ in_chans, H, W) float32 as the network sees an image: its first ``in_chans`` channels
     (a gray image stored as identical planes merged to one if ``merge_identical``), each 1–99 %
     percentile-normalised. Raises ``ValueError`` on bad axes or NaN/inf."""
-    x = to_yxc(image, channel_axis, in_chans)
+    x = to_yxc(image, channel_axis, max_channels=np.size(image))
+    dropped = x[..., in_chans:]
+    if dropped.size and any(np.ptp(dropped[..., c]) > 0 for c in range(dropped.shape[-1])):  # not just alpha
+        warnings.warn(f"image has {x.shape[-1]} channels; the model uses the first {in_chans}", UserWarning, stacklevel=2)
+    x = x[..., :in_chans]
     if merge_identical:
         x = merge_identical_channels(x)
     return np.moveaxis(normalize_percentile(x, channel_axis=-1), -1, 0)

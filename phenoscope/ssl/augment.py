@@ -92,18 +92,24 @@ def self_normalize(x: torch.Tensor, mode: str = "channel", eps: float = 1e-6) ->
     return (x - mean) / (std + eps)
 
 
-def normalize_view(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
-    """Self-normalise (``channel`` / ``image``) or apply fixed per-channel ``dataset`` statistics.
-
-    ``dataset`` keeps absolute intensities comparable between images (e.g. DNA content).
-    """
-    if cfg.normalize != "dataset":
-        return self_normalize(x, cfg.normalize)
-    if cfg.channel_mean is None or cfg.channel_std is None or len(cfg.channel_mean) != x.shape[0]:
-        raise ValueError(f"normalize='dataset' needs channel_mean/channel_std with {x.shape[0]} entries")
-    mean = torch.tensor(cfg.channel_mean, dtype=x.dtype)[:, None, None]
-    std = torch.tensor(cfg.channel_std, dtype=x.dtype)[:, None, None]
+def normalize_input(
+    x: torch.Tensor, mode: str, channel_mean: list[float] | None = None, channel_std: list[float] | None = None
+) -> torch.Tensor:
+    """Self-normalise (``channel`` / ``image``) or apply fixed per-channel ``dataset`` statistics to
+    (..., C, H, W) images. ``dataset`` keeps absolute intensities comparable between images (e.g. DNA content)."""
+    if mode != "dataset":
+        return self_normalize(x, mode)
+    c = x.shape[-3]
+    if channel_mean is None or channel_std is None or len(channel_mean) != c or len(channel_std) != c:
+        raise ValueError(f"normalize='dataset' needs channel_mean/channel_std with {c} entries")
+    mean = torch.tensor(channel_mean, dtype=x.dtype, device=x.device)[:, None, None]
+    std = torch.tensor(channel_std, dtype=x.dtype, device=x.device)[:, None, None]
     return (x - mean) / std
+
+
+def normalize_view(x: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """:func:`normalize_input` with the mode and statistics of ``cfg``."""
+    return normalize_input(x, cfg.normalize, cfg.channel_mean, cfg.channel_std)
 
 
 def jitter_channels(x: torch.Tensor, p: float, brightness: float, contrast: float, g: torch.Generator) -> torch.Tensor:

@@ -232,14 +232,16 @@ class BagOfChannels(nn.Module):
             raise ValueError(f"bag-of-channels needs a 1-channel backbone, got in_chans={backbone.cfg.in_chans}")
         self.backbone = backbone
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _per_channel(self, x: torch.Tensor, fn) -> torch.Tensor:
         if x.ndim != 4:
             raise ValueError(f"expected (B, C, H, W), got {tuple(x.shape)}")
         b, c, h, w = x.shape
-        emb = self.backbone(x.reshape(b * c, 1, h, w))
+        emb = fn(x.reshape(b * c, 1, h, w))
         return emb.reshape(b, c * emb.shape[-1])
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._per_channel(x, self.backbone)
 
-def build_backbone(cfg: ViTConfig) -> CellViT:
-    """Construct a randomly initialised ``CellViT``."""
-    return CellViT(cfg)
+    def embed(self, x: torch.Tensor, n_last_blocks: int = 1) -> torch.Tensor:
+        """(B, C, H, W) → (B, C·F): :meth:`CellViT.embed` of every channel, concatenated in channel order."""
+        return self._per_channel(x, lambda t: self.backbone.embed(t, n_last_blocks))

@@ -1,4 +1,4 @@
-"""Checkpoints: import DINOv2 / Cell-DINO weights, strict loading, safetensors I/O.
+"""Backbone checkpoints: import DINOv2 / Cell-DINO weights; save/load our own (self-describing, strict).
 
 The dinov2 format (``torch.save`` of a state dict) may be wrapped in ``{"teacher": ...}``,
 carry ``module.`` (DDP) and ``backbone.`` prefixes, head weights (``dino_head.``,
@@ -8,7 +8,6 @@ is global), a class-token slot in ``pos_embed`` and ``register_tokens``.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,12 +15,13 @@ from typing import Any, Mapping
 import torch
 
 from phenoscope.config import from_dict, to_dict
-from phenoscope.core.io import atomic_path
+from phenoscope.core.checkpoint import Preprocessing, read_checkpoint, read_weights, save_checkpoint
 from phenoscope.core.state import load_state_strict
 from phenoscope.ssl.backbone import ARCHS, CellViT, ViTConfig
 
 _CHUNKED = re.compile(r"^blocks\.(\d+)\.(\d+)\.")
 _HEAD_PREFIXES = ("dino_head.", "ibot_head.", "head.")
+KIND = "vit"
 
 
 def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -70,18 +70,6 @@ def infer_vit_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> ViT
     return ViTConfig(**kw)
 
 
-def read_state_dict(path: str | Path) -> dict[str, Any]:
-    """Read a ``.safetensors`` or a ``torch.save`` file safely (``weights_only=True``)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def expand_input_channels(state: dict[str, torch.Tensor], in_chans: int) -> dict[str, torch.Tensor]:
     """Channel expansion ("Cell-DINO+"): 3-channel patch embedding → ``in_chans`` channels.
 
@@ -100,7 +88,7 @@ def load_dinov2_backbone(source: str | Path | Mapping[str, Any], in_chans: int |
     ``in_chans`` different from the checkpoint's triggers channel expansion (3 → N).
     ``overrides`` go to ``ViTConfig`` (e.g. ``num_heads``, ``drop_path_rate``).
     """
-    state = read_state_dict(source) if isinstance(source, (str, Path)) else source
+    state = read_weights(source) if isinstance(source, (str, Path)) else source
     sd = convert_dinov2_state_dict(state)
     ckpt_chans = sd["patch_embed.proj.weight"].shape[1]
     if in_chans is not None and in_chans != ckpt_chans:
@@ -112,24 +100,24 @@ def load_dinov2_backbone(source: str | Path | Mapping[str, Any], in_chans: int |
     return model
 
 
-def save_backbone(model: CellViT, path: str | Path) -> None:
-    """Save weights and ``ViTConfig`` (as metadata) to a safetensors file, atomically."""
-    from safetensors.torch import save_file
+def save_backbone(
+    model: CellViT, path: str | Path, preprocessing: Preprocessing | None = None, provenance: dict[str, Any] | None = None
+) -> Path:
+    """Save a backbone as a self-describing checkpoint (kind ``vit``: its ``ViTConfig``, the preprocessing
+    of its training inputs and provenance; :mod:`phenoscope.core.checkpoint`), atomically."""
+    return save_checkpoint(path, model.state_dict(), KIND, to_dict(model.cfg), preprocessing, provenance)
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"vit_config": json.dumps(to_dict(model.cfg))})
+
+def load_backbone_checkpoint(path: str | Path) -> tuple[CellViT, Preprocessing]:
+    """A backbone written by :func:`save_backbone` (or its earlier form) and the preprocessing it records."""
+    ckpt = read_checkpoint(path)
+    if ckpt.kind != KIND:
+        raise ValueError(f"{path}: a {ckpt.kind!r} checkpoint, not a ViT backbone ({KIND!r})")
+    model = CellViT(from_dict(ViTConfig, ckpt.config, f"{path}: config"))
+    load_state_strict(model, ckpt.state, str(path))
+    return model, ckpt.preprocessing
 
 
 def load_backbone(path: str | Path) -> CellViT:
-    """Load a backbone written by ``save_backbone``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-    if "vit_config" not in meta:
-        raise ValueError(f"{path}: no vit_config metadata; not written by save_backbone")
-    model = CellViT(from_dict(ViTConfig, json.loads(meta["vit_config"])))
-    load_state_strict(model, load_file(str(path)), str(path))
-    return model
+    """The backbone of :func:`load_backbone_checkpoint`."""
+    return load_backbone_checkpoint(path)[0]

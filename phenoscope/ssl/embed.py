@@ -7,8 +7,11 @@
 - field-of-view mode embeds each image (optionally centre-cropped); single-cell mode
   (``cfg.crop_size > 0`` with label masks, e.g. from ``phenoscope segment``) embeds a square crop
   centred on every cell;
-- every crop is self-normalised per channel (Cell-DINO's evaluation transform); features are the
-  class token ⊕ mean patch token (:meth:`CellViT.embed`; ``n_last_blocks`` > 1 adds earlier class tokens);
+- every crop is normalised as the checkpoint records (:class:`~phenoscope.core.checkpoint.Preprocessing`:
+  fixed dataset statistics, or self-normalisation per channel, Cell-DINO's evaluation transform, which is
+  also what dinov2-format files get); a bag-of-channels backbone embeds every channel separately;
+  features are the class token ⊕ mean patch token (:meth:`CellViT.embed`; ``n_last_blocks`` > 1 adds
+  earlier class tokens);
 - each image's rows go to ``parts/<n>.parquet`` atomically as soon as it is done, so a killed run
   restarts where it stopped and ends with exactly one row per cell; bad images are reported at the end;
 - the parts are gathered into ``embeddings.parquet`` (``Metadata_*`` columns + ``f0…``) and
@@ -32,8 +35,9 @@ import torch
 from phenoscope.batch import Item, make_executor, run_batch
 from phenoscope.config import to_dict
 from phenoscope.core.io import atomic_path, atomic_write, imread
-from phenoscope.ssl.augment import self_normalize
-from phenoscope.ssl.backbone import CellViT
+from phenoscope.core.checkpoint import Preprocessing
+from phenoscope.ssl.augment import normalize_input
+from phenoscope.ssl.backbone import BagOfChannels, CellViT
 from phenoscope.ssl.data import cell_crops, to_cyx
 
 OUTPUT_FORMATS = ("h5ad", "zarr")
@@ -47,27 +51,34 @@ class EmbedConfig:
     mask_background: bool = False  # single-cell: zero pixels outside the crop's own cell
     center_crop: int = 0  # field-of-view mode: centre crop of this size (0 = whole image)
     n_last_blocks: int = 1  # class tokens of the last n blocks (then the mean patch token)
-    normalize: str = "channel"  # self-normalisation of every crop: channel | image
-    layout: str = "auto"  # image axes: CYX, YXC or auto (smallest axis = channels)
+    normalize: str = ""  # "" = as the checkpoint records; or override: channel | image (self-normalisation)
+    layout: str = "auto"  # image axes: CYX, YXC or auto (phenoscope.core.axes.guess_channel_axis)
+    channels: list[int] | None = None  # input channels to use, in order; repeats replicate (gray → "0,0,0")
+    npz_key: str = "images"  # array of (N, C, H, W) crops in a .npz input (one row per crop)
     batch_size: int = 64  # crops per forward pass
     num_workers: int = 0  # processes each embedding whole images (≤ 1: this process)
     output_format: str = "h5ad"  # AnnData file beside the Parquet table: h5ad | zarr
 
 
-def load_embedder(path: str | Path) -> CellViT:
-    """A backbone from our ``save_backbone`` safetensors, or from a dinov2/Cell-DINO checkpoint."""
-    from phenoscope.ssl.checkpoint import load_backbone, load_dinov2_backbone
+def load_embedder(path: str | Path) -> tuple[CellViT | BagOfChannels, Preprocessing]:
+    """A backbone and its input preprocessing: from our checkpoint (``phenoscope pretrain``), or from a
+    dinov2 / Cell-DINO file (then per-channel self-normalisation). A bag-of-channels checkpoint comes
+    back wrapped in :class:`BagOfChannels`."""
+    from phenoscope.core.checkpoint import read_metadata
+    from phenoscope.ssl.checkpoint import load_backbone_checkpoint, load_dinov2_backbone
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    if path.suffix == ".safetensors" and read_metadata(path):
+        backbone, prep = load_backbone_checkpoint(path)
+        return (BagOfChannels(backbone) if prep.bag_of_channels else backbone), prep
+    return load_dinov2_backbone(path), Preprocessing()
 
-        with safe_open(str(path), framework="pt") as fh:
-            if "vit_config" in (fh.metadata() or {}):
-                return load_backbone(path)
-    return load_dinov2_backbone(path)
+
+def input_channels(model: CellViT | BagOfChannels) -> int | None:
+    """Channels the model takes (None: any, bag of channels)."""
+    return None if isinstance(model, BagOfChannels) else model.cfg.in_chans
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -80,11 +91,47 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def image_crops(image_path: Path, mask_path: Path | None, cfg: EmbedConfig, in_chans: int) -> tuple[np.ndarray, pd.DataFrame]:
-    """The crops (n, C, s, s) of one image and their ``Metadata_*`` rows."""
-    image = to_cyx(imread(image_path), cfg.layout).astype(np.float32)
-    if image.shape[0] != in_chans:
-        raise ValueError(f"image has {image.shape[0]} channels (layout {cfg.layout}, shape {image.shape}); the model needs {in_chans}")
+def select_channels(image: np.ndarray, channels: list[int] | None, in_chans: int | None) -> np.ndarray:
+    """(C, H, W) → the model's input channels: ``channels`` in that order (repeats replicate a gray
+    image); else a constant last channel (alpha) beyond ``in_chans`` is dropped, as ``segment`` does.
+    Raises ``ValueError`` with a hint when the count still differs from ``in_chans``."""
+    if channels:
+        bad = [c for c in channels if not -image.shape[0] <= c < image.shape[0]]
+        if bad:
+            raise ValueError(f"channels {bad} do not exist: the image has {image.shape[0]} (shape {image.shape})")
+        image = image[list(channels)]
+    elif in_chans is not None and image.shape[0] == in_chans + 1 and np.ptp(image[-1]) == 0:
+        image = image[:-1]
+    if in_chans is not None and image.shape[0] != in_chans:
+        hint = ",".join(["0"] * in_chans) if image.shape[0] == 1 else ",".join(map(str, range(in_chans)))
+        raise ValueError(f"image has {image.shape[0]} channels (shape {image.shape}); the model needs {in_chans}: "
+                         f"choose them with channels (--channels {hint})")
+    return image
+
+
+def _npz_crops(path: Path, cfg: EmbedConfig, in_chans: int | None) -> tuple[np.ndarray, pd.DataFrame]:
+    """A .npz of (N, C, H, W) crops (``cfg.npz_key``) → one row per crop, ``Metadata_Label`` 1..N."""
+    with np.load(path, allow_pickle=False) as z:
+        if cfg.npz_key not in z:
+            raise ValueError(f"no array {cfg.npz_key!r} in the .npz (arrays: {sorted(z.files)})")
+        arr = z[cfg.npz_key]
+    if arr.ndim != 4:
+        raise ValueError(f"array {cfg.npz_key!r} has shape {arr.shape}; expected (N, C, H, W) crops")
+    crops = np.stack([select_channels(a, cfg.channels, in_chans) for a in arr.astype(np.float32)]) if len(arr) else arr
+    if not np.isfinite(crops).all():
+        raise ValueError("crops contain NaN or inf values")
+    h, w = crops.shape[-2:]
+    n = len(crops)
+    obs = pd.DataFrame({"Metadata_Image": path.stem, "Metadata_Label": np.arange(1, n + 1, dtype=np.int64),
+                        "Metadata_CentroidY": np.full(n, h / 2), "Metadata_CentroidX": np.full(n, w / 2)})
+    return crops.astype(np.float32), obs
+
+
+def image_crops(image_path: Path, mask_path: Path | None, cfg: EmbedConfig, in_chans: int | None) -> tuple[np.ndarray, pd.DataFrame]:
+    """The crops (n, C, s, s) of one image (or every crop of a ``.npz``) and their ``Metadata_*`` rows."""
+    if image_path.suffix == ".npz":
+        return _npz_crops(image_path, cfg, in_chans)
+    image = select_channels(to_cyx(imread(image_path), cfg.layout).astype(np.float32), cfg.channels, in_chans)
     if not np.isfinite(image).all():
         raise ValueError("image contains NaN or inf values")
     meta = {"Metadata_Image": image_path.stem}
@@ -107,13 +154,14 @@ def image_crops(image_path: Path, mask_path: Path | None, cfg: EmbedConfig, in_c
 class _EmbedJob:
     """Per-image step of :func:`embed_images`: crops → features → ``parts/<n>.parquet`` (atomic)."""
 
-    model: CellViT
+    model: CellViT | BagOfChannels
     cfg: EmbedConfig
     device: torch.device
+    prep: Preprocessing
 
     def __call__(self, item: Item) -> int:
-        crops, obs = image_crops(item.source, item.extra, self.cfg, self.model.cfg.in_chans)
-        feats = embed_crops(self.model, crops, self.cfg, self.device)
+        crops, obs = image_crops(item.source, item.extra, self.cfg, input_channels(self.model))
+        feats = embed_crops(self.model, crops, self.cfg, self.device, self.prep)
         table = pd.concat([obs, pd.DataFrame(feats, columns=[f"f{j}" for j in range(feats.shape[1])])], axis=1)
         with atomic_path(item.outputs[0]) as tmp:
             table.to_parquet(tmp, index=False)
@@ -121,12 +169,19 @@ class _EmbedJob:
 
 
 @torch.inference_mode()
-def embed_crops(model: CellViT, crops: np.ndarray, cfg: EmbedConfig, device: torch.device) -> np.ndarray:
-    """(n, C, s, s) crops → (n, F) float32 features, in batches of ``cfg.batch_size``."""
+def embed_crops(
+    model: CellViT | BagOfChannels, crops: np.ndarray, cfg: EmbedConfig, device: torch.device,
+    prep: Preprocessing | None = None,
+) -> np.ndarray:
+    """(n, C, s, s) crops → (n, F) float32 features, in batches of ``cfg.batch_size``, each crop
+    normalised as ``prep`` records (default: self-normalised per channel) unless ``cfg.normalize`` overrides."""
+    prep = prep or Preprocessing()
+    mode = cfg.normalize or prep.normalize
     out = []
     for start in range(0, len(crops), cfg.batch_size):
         x = torch.from_numpy(crops[start : start + cfg.batch_size]).to(device)
-        out.append(model.embed(self_normalize(x, cfg.normalize), cfg.n_last_blocks).float().cpu().numpy())
+        x = normalize_input(x, mode, prep.channel_mean, prep.channel_std)
+        out.append(model.embed(x, cfg.n_last_blocks).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -162,7 +217,8 @@ def embed_images(
     model_path, out_dir = Path(model_path), Path(out_dir)
     masks = masks if masks is not None else [None] * len(images)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_embedder(model_path).to(dev).eval()
+    model, prep = load_embedder(model_path)
+    model = model.to(dev).eval()
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     key = _run_key(model_path, cfg, images, masks)
@@ -172,7 +228,8 @@ def embed_images(
     with atomic_write(state_file, "w") as fh:
         json.dump({"key": key, "model": str(model_path), "config": to_dict(cfg)}, fh, indent=2)
     items = [Item(Path(im), (parts / f"{n:07d}.parquet",), mk) for n, (im, mk) in enumerate(zip(images, masks))]
-    report = run_batch(items, _EmbedJob(model, cfg, dev), make_executor(cfg.num_workers), progress=progress, desc="embed")
+    job = _EmbedJob(model, cfg, dev, prep)
+    report = run_batch(items, job, make_executor(cfg.num_workers), progress=progress, desc="embed")
     failures = report.failure_lines()
     n_rows = gather(out_dir, len(images), metadata, cfg.output_format)
     return {"rows": n_rows, "embedded": len(report.done), "already_done": len(report.skipped), "failed": failures}

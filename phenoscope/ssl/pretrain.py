@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from phenoscope.config import to_dict
+from phenoscope.core.checkpoint import Preprocessing, provenance
 from phenoscope.core.io import IMAGE_SUFFIXES, atomic_write
 from phenoscope.ssl.augment import AugmentConfig
 from phenoscope.ssl.backbone import CellViT, ViTConfig
@@ -116,6 +117,14 @@ def build_objective(cfg: PretrainConfig, backbone: CellViT) -> nn.Module:
     raise ValueError(f"unknown method {cfg.method!r}; choose from {METHODS}")
 
 
+def input_preprocessing(cfg: PretrainConfig) -> Preprocessing:
+    """What the backbone's training inputs went through, for its checkpoint: normalisation (and its
+    statistics), bag-of-channels, and the global-view size in pixels."""
+    aug = cfg.augment
+    return Preprocessing(normalize=aug.normalize, channel_mean=aug.channel_mean, channel_std=aug.channel_std,
+                         bag_of_channels=cfg.bag_of_channels, input_size=aug.global_size)
+
+
 def pretrain(cfg: PretrainConfig, data: list[str | Path], out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     """Pretrain a backbone; writes checkpoints, logs, ``config.json`` and ``backbone.safetensors``."""
     if cfg.method not in METHODS:
@@ -142,5 +151,6 @@ def pretrain(cfg: PretrainConfig, data: list[str | Path], out_dir: str | Path, r
             json.dump(to_dict(cfg), fh, indent=2)
     summary = train(objective, dataset, cfg.train, out_dir, resume, MultiCropCollate(augment, backbone.cfg.patch_size))
     if main_process:
-        save_backbone(objective.backbone, out_dir / "backbone.safetensors")
+        save_backbone(objective.backbone, out_dir / "backbone.safetensors", input_preprocessing(cfg),
+                      provenance(config=to_dict(cfg), data=[str(d) for d in data]))
     return summary

@@ -175,11 +175,9 @@ def save_checkpoint(out_dir: Path, objective: nn.Module, opt: torch.optim.Optimi
 
     ``epoch`` is the epoch to continue with and ``batch`` the number of its batches already done.
     """
-    from safetensors.torch import save_file
+    from phenoscope.core.checkpoint import save_weights
 
-    state = {k: v.detach().contiguous().cpu() for k, v in objective.state_dict().items()}
-    with atomic_path(out_dir / CHECKPOINT) as tmp:
-        save_file(state, str(tmp))
+    save_weights(out_dir / CHECKPOINT, objective.state_dict())
     with atomic_path(out_dir / TRAINER_STATE) as tmp:
         torch.save({"optimizer": opt.state_dict(), "epoch": epoch, "step": step, "batch": batch}, tmp)
 
@@ -322,6 +320,8 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         logs = (LossLog(out_dir / LOG_CSV, out_dir / LOG_PNG, "step", step if resume else None),
                 LossLog(out_dir / EPOCH_CSV, out_dir / EPOCH_PNG, "epoch", start_epoch if resume else None))
+    if rank == 0:
+        warn_if_warmup_outlasts_run(cfg)
     t0, run_steps, last, stopped = time.monotonic(), 0, {}, False
     done = (start_epoch, step, skip)  # (epoch, step, batches of that epoch) completed so far
     stop = _StopRequest()
@@ -365,6 +365,8 @@ def train(
         if rank == 0:
             _report_interrupt(done[1])
         raise _Interrupted(f"signal {stop.signum}")
+    if rank == 0:
+        warn_if_validation_found_nothing(logs[1].rows)
     if world > 1:
         dist.barrier()
     return {"steps": run_steps, "step": step, "finished": not stopped, "last": last, "minutes": (time.monotonic() - t0) / 60}
@@ -403,14 +405,36 @@ def _main_thread() -> bool:
 
 
 def _end_epoch(objective: nn.Module, logs: tuple[LossLog, LossLog], epoch: int, losses: list[float]) -> None:
-    """Epoch summary row: mean training loss plus whatever ``objective.on_epoch_end`` reports."""
+    """Epoch summary row: mean training loss plus whatever ``objective.on_epoch_end`` reports
+    (validation metrics are also printed to the console)."""
     row = {"epoch": float(epoch), "train_loss": float(np.mean(losses)) if losses else float("nan")}
     if hasattr(objective, "on_epoch_end"):
         was_training = objective.training
-        row.update(objective.on_epoch_end(epoch) or {})
+        extra = objective.on_epoch_end(epoch) or {}
         objective.train(was_training)
+        row.update(extra)
+        if extra:
+            from tqdm.auto import tqdm
+
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in extra.items())
+            tqdm.write(f"epoch {epoch + 1}: train_loss {row['train_loss']:.4f}, {shown}", file=sys.stderr)
     logs[1].append(row)
     logs[1].plot()
+
+
+def warn_if_warmup_outlasts_run(cfg: TrainConfig) -> None:
+    """Warn (stderr) when the learning-rate warm-up is as long as the run: the LR never reaches ``cfg.lr``."""
+    if cfg.warmup_epochs > 0 and cfg.warmup_epochs >= cfg.epochs:
+        print(f"warning: the warm-up ({cfg.warmup_epochs:g} epochs) is as long as the run ({cfg.epochs} epochs); "
+              f"the learning rate never reaches {cfg.lr:g}", file=sys.stderr)
+
+
+def warn_if_validation_found_nothing(rows: list[dict[str, float]]) -> None:
+    """Warn (stderr) when the last validation of the run scored AP 0 at every threshold (nothing learned or found)."""
+    scored = [r for r in rows if any(k.startswith("val_ap") and np.isfinite(v) for k, v in r.items())]
+    if scored and all(v == 0 for k, v in scored[-1].items() if k.startswith("val_ap")):
+        print(f"warning: validation AP is 0 at epoch {int(scored[-1]['epoch']) + 1}: the model finds no matching cells "
+              "(train longer, or check the labels and the validation split)", file=sys.stderr)
 
 
 def _progress_bar(loader: DataLoader, epoch: int, cfg: TrainConfig, rank: int):

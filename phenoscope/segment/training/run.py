@@ -9,7 +9,7 @@
 4. train with the generic loop (:mod:`phenoscope.train.loop`) on :class:`CellposeLoss` — MSE on
    5·flows / 2 + BCE on the cell probability, as cellpose — with true layer drop, AdamW and
    cellpose's warm-up + step-decay schedule; validation AP@0.5 every ``val_every`` epochs;
-5. write the trained network as ``model.safetensors`` + ``model.json``.
+5. write the trained network as the self-describing checkpoint ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def train_segmentation(
     """Train (or fine-tune) a network; writes ``model.safetensors`` / ``.json``, logs and ``split.json`` to ``out_dir``."""
     import torch.distributed as dist
 
+    from phenoscope.core.checkpoint import provenance
     from phenoscope.segment.checkpoint import save_model
     from phenoscope.train.loop import setup_distributed, train
 
@@ -102,7 +103,8 @@ def train_segmentation(
     objective = CellposeLoss(net, cfg.layer_drop, cfg.train.seed, val, cfg.val_every)
     summary = train(objective, dataset, cfg.train, out_dir, resume)
     if rank == 0 and summary["finished"]:
-        save_model(net.cpu(), out_dir / "model.safetensors")
+        record = provenance(config=to_dict(cfg), images=str(images), labels=str(labels))
+        save_model(net.cpu(), out_dir / "model.safetensors", record)
     if dist.is_initialized():
         dist.barrier()
     return {**summary, "n_train": len(train_pairs), "n_val": len(val_pairs)}
