@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phenoscope.cli.segment import parse_diameter
 from phenoscope.datasets import data_root
+from phenoscope.segment.files import parse_diameter
 
 DSB = data_root() / "dsb2018_train"
 
@@ -75,11 +75,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from phenoscope.cli import build_parser
-    from phenoscope.cli.segment import _segmenter, process_one
     from phenoscope.core.io import imwrite_tiff
     from phenoscope.core.tiling import tile_grid
     from phenoscope.segment import load_model
+    from phenoscope.segment.files import SegmentParams, load_segmenter, segment_file
 
     model = load_model(args.model)
     n_tiles = len(list(tile_grid(1024, 1024, model.cfg.tile, 0.1, augment=args.tta)))
@@ -91,10 +90,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "image.tif"
             imwrite_tiff(path, image)
-            extra = (["--diameter", str(diameter)] if diameter else []) + (["--tta"] if args.tta else [])
-            cli = build_parser().parse_args(["segment", str(path), "--out", tmp, "--model", args.model, *extra])
-            segmenter = _segmenter(cli)
-            end_to_end = best_of(lambda: process_one(path, segmenter, cli), args.repeats)
+            segmenter = load_segmenter(args.model, SegmentParams(diameter=diameter, tta=args.tta))
+            end_to_end = best_of(lambda: segment_file(path, tmp, segmenter), args.repeats)
         size = f" (estimated diameter {res.diameter:.1f} px)" if diameter == "auto" and res.diameter else ""
         print(f"{what} → {res.masks.max()} cells{size}: model.segment {seg:.2f} s; "
               f"read + segment + write masks and cells.csv {end_to_end:.2f} s")

@@ -26,10 +26,10 @@ import torch
 from scipy import ndimage as ndi
 from skimage.transform import rescale
 
-from phenoscope.cli.segment import parse_diameter
 from phenoscope.datasets import data_root, dsb_image, dsb_index, dsb_labels
 from phenoscope.eval.segmentation import average_precision, error_rate
 from phenoscope.segment import load_model, segment_classic
+from phenoscope.segment.files import parse_diameter
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.5, 0.75, 0.9)

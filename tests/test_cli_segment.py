@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,9 +18,11 @@ import pytest
 import tifffile
 import torch
 
+from phenoscope.batch import InputError
 from phenoscope.cli import main
 from phenoscope.datasets import dsb_index
 from phenoscope.segment.checkpoint import save_model
+from phenoscope.segment.files import MANIFEST
 from phenoscope.segment.net import build_net, variant
 
 
@@ -49,8 +59,9 @@ def test_segment_folder_writes_outputs_that_load_back(tiny_model, images, tmp_pa
 
         assert shape == imread(png).shape[:2] and masks.dtype == np.uint16
         cells = pd.read_csv(out / f"{png.stem}_cells.csv")
-        assert list(cells.columns[:9]) == ["label", "area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0",
-                                           "bbox_y1", "bbox_x1", "mean_intensity_c0"]
+        assert list(cells.columns[:9]) == ["image", "label", "area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0",
+                                           "bbox_y1", "bbox_x1"]
+        assert set(cells.image) <= {png.name} and "mean_intensity_c0" in cells
         assert sorted(cells.label) == sorted(set(np.unique(masks)) - {0})
         assert (cells.area.to_numpy() == np.bincount(masks.ravel())[cells.label]).all()
         seg = np.load(out / f"{png.stem}_seg.npy", allow_pickle=True).item()
@@ -99,12 +110,101 @@ def test_bad_files_get_one_line_each_and_batch_continues(tiny_model, images, tmp
     assert code == 1 and len(errors) == 1 and "channel" in errors[0]
 
 
-def test_classic_model_and_missing_inputs(images, tmp_path, capsys):
+def test_classic_model_prints_cells_and_diameter(images, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["segment", str(images / "*.png"), str(tmp_path / "nothing_here"), "--out", str(out), "--model", "classic"])
-    assert code == 1  # the missing input is an error, the images are still segmented
-    assert "nothing_here: no images found" in capsys.readouterr().err
-    assert len(list(out.glob("*_masks.tif"))) == 3
+    assert main(["segment", str(images / "*.png"), "--out", str(out), "--model", "classic"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for png in sorted(images.glob("*.png")):
+        n = int(tifffile.imread(out / f"{png.stem}_masks.tif").max())
+        assert f"{png}: {n} cells, native scale (not resized)" in lines
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["model"] == "classic" and manifest["parameters"] == {"channel_axis": None, "min_size": 15}
+
+
+def test_inputs_and_output_folder_are_checked_before_any_work(images, tiny_model, tmp_path, capsys):
+    """Exit code 2, one error line naming the problem, nothing written, no traceback (unless --debug)."""
+    png = sorted(images.glob("*.png"))[0]
+    (tmp_path / "twin").mkdir()
+    shutil.copy(png, tmp_path / "twin" / f"{png.stem}.png")
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "out"
+    cases = {
+        "missing input": ([str(images), str(tmp_path / "nothing_here")], out, "nothing_here: no such file"),
+        "same stem": ([str(png), str(tmp_path / "twin")], out, f"share the name '{png.stem}'"),
+        "unwritable --out": ([str(png)], tmp_path / "a_file" / "out", "output folder is not writable"),
+        "missing model": ([str(png)], out, "nope.safetensors: no such file"),
+        "corrupt model": ([str(png)], out, "bad.safetensors"),
+    }
+    (tmp_path / "bad.safetensors").write_bytes(os.urandom(256))
+    for name, (inputs, folder, problem) in cases.items():
+        model = {"missing model": str(tmp_path / "nope.safetensors"),
+                 "corrupt model": str(tmp_path / "bad.safetensors")}.get(name, str(tiny_model))
+        assert main(["segment", *inputs, "--out", str(folder), "--model", model]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and problem in err[0], (name, err)
+        assert not list(out.glob("*_masks.tif")), name
+    if not torch.cuda.is_available():
+        assert main(["segment", str(png), "--out", str(out), "--model", str(tiny_model), "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(InputError):  # --debug: the exception (and its traceback) comes through
+        main(["segment", str(tmp_path / "nothing_here"), "--out", str(out), "--debug"])
+
+
+def md5s(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+
+
+def test_manifest_refuses_another_model_or_parameters_unless_overwrite(images, tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    run = ["segment", str(images), "--out", str(out)]
+    assert main([*run, "--model", "classic"]) == 0
+    before = md5s(out)
+    capsys.readouterr()
+    for other in (["--model", str(tiny_model)], ["--model", "classic", "--min-size", "40"]):
+        assert main([*run, *other]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and MANIFEST in err[0] and "--overwrite" in err[0], err
+        assert md5s(out) == before  # nothing touched
+    capsys.readouterr()
+    assert main([*run, "--model", "classic", "--min-size", "40", "--overwrite"]) == 0
+    assert "segmented 3, skipped 0" in capsys.readouterr().err
+    assert json.loads((out / MANIFEST).read_text())["parameters"]["min_size"] == 40
+    fresh = tmp_path / "fresh"
+    assert main(["segment", str(images), "--out", str(fresh), "--model", "classic", "--min-size", "40"]) == 0
+    assert md5s(out) == md5s(fresh)  # the redone masks are those of the new parameters
+    capsys.readouterr()
+    assert main([*run, "--model", "classic", "--min-size", "40"]) == 0  # same run again: all skipped
+    assert "skipped 3" in capsys.readouterr().err
+
+
+def test_sigterm_mid_batch_exits_143_and_a_rerun_completes_identically(tmp_path):
+    from phenoscope.core.io import imwrite_tiff
+    from phenoscope.datasets import synthetic_nuclei
+
+    folder = tmp_path / "in"
+    n_images = 24
+    for seed in range(n_images):
+        imwrite_tiff(folder / f"im{seed:02d}.tif", synthetic_nuclei((256, 256), n=20, seed=seed)[0])
+    reference = tmp_path / "reference"
+    assert main(["segment", str(folder), "--out", str(reference), "--model", "classic"]) == 0
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "phenoscope", "segment", str(folder), "--out", str(out), "--model", "classic"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(tmp_path / "stderr.txt", "w") as err_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file, env=env)
+        deadline = time.monotonic() + 120
+        while not (out / "im00_cells.csv").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    err = (tmp_path / "stderr.txt").read_text()
+    assert "(interrupted); interrupted by SIGTERM" in err and "Traceback" not in err, err
+    done = {name: md5 for name, md5 in md5s(out).items()}
+    assert 2 <= len(done) < 2 * n_images and not [n for n in done if n.startswith(".")]  # no temp files
+    assert main(["segment", str(folder), "--out", str(out), "--model", "classic"]) == 0
+    after = md5s(out)
+    assert after == md5s(reference)  # complete, and identical to an uninterrupted run
+    assert all(after[name] == md5 for name, md5 in done.items())
 
 
 def test_model_file_missing(images, tmp_path, capsys):

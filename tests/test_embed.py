@@ -106,6 +106,17 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path, model_path, data, monkeyp
         emb.embed_images(images[:2], model_path, tmp_path / "resumed", cfg, masks[:2], progress=False)
 
 
+@pytest.mark.slow  # spawned workers import torch: ~15-50 s on 2 shared cores
+def test_worker_processes_give_the_rows_of_one_process(tmp_path, model_path, data):
+    images, masks = data
+    serial = emb.embed_images(images, model_path, tmp_path / "serial", emb.EmbedConfig(crop_size=32), masks, progress=False)
+    cfg = emb.EmbedConfig(crop_size=32, num_workers=2)
+    pooled = emb.embed_images(images, model_path, tmp_path / "pooled", cfg, masks, progress=False)
+    assert pooled["embedded"] == serial["embedded"] == 4 and not pooled["failed"]
+    a, b = (pd.read_parquet(tmp_path / d / "embeddings.parquet") for d in ("serial", "pooled"))
+    pd.testing.assert_frame_equal(a, b, rtol=0, atol=1e-5)  # other processes may sum in another order
+
+
 def test_cli_embed(tmp_path, model_path, data):
     from phenoscope.cli import main
 
@@ -119,6 +130,10 @@ def test_cli_embed(tmp_path, model_path, data):
     assert main(args) == 0  # a finished run is all "already done"
     assert len(pd.read_parquet(tmp_path / "out" / "embeddings.parquet")) == len(table)
     assert main(["embed", str(images[0]), "--model", str(model_path), "--out", str(tmp_path / "o2"), "--crop-size", "32"]) == 2
+    # inputs and the output folder are checked before any model loads: exit code 2
+    assert main(["embed", str(tmp_path / "nothing"), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o3")]) == 2
+    (tmp_path / "a_file").write_text("")
+    assert main(["embed", str(images[0]), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "a_file" / "o")]) == 2
 
 
 def _dataset_normalised_backbone(path, mean, std):

@@ -193,7 +193,8 @@ def test_cli_pretrain_bag_of_channels(tmp_path):
     assert len(rows) == 2 * (6 * 3 // 4)  # 18 single-channel samples per epoch, batch 4
     with pytest.raises(ValueError, match="unknown option"):
         (tmp_path / "bad.toml").write_text("[train]\nepochz = 1\n")
-        main(["pretrain", "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "o2"), "--config", str(tmp_path / "bad.toml")])
+        main(["pretrain", "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "o2"), "--config", str(tmp_path / "bad.toml"),
+              "--debug"])  # without --debug: one "error:" line, exit code 2
 
 
 @pytest.mark.slow

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 
 def run_demo(out: Path, seed: int = 0, model: str = "default") -> dict[str, float]:
     """Segment a generated nuclei image with the default model and with the classical baseline.
@@ -14,6 +12,8 @@ def run_demo(out: Path, seed: int = 0, model: str = "default") -> dict[str, floa
     Writes the sample image, and for each method the masks, a per-cell table and an outline
     overlay PNG into ``out``; returns AP@0.5 of each method against the generated ground truth.
     """
+    import numpy as np
+
     from phenoscope.core.io import imwrite_tiff
     from phenoscope.datasets import synthetic_nuclei
     from phenoscope.eval.segmentation import average_precision

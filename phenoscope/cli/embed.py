@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from phenoscope.cli.common import apply_threads
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("embed", help="embed images or single cells with a ViT backbone", description=__doc__.splitlines()[0])
@@ -23,20 +25,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metadata", type=Path, default=None, help="CSV joined on its 'image' or 'Metadata_Image' column (file stems)")
     p.add_argument("--format", dest="output_format", default=None, choices=("h5ad", "zarr"), help="AnnData format (default h5ad)")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workers", dest="num_workers", type=int, default=None, help="image-loading processes")
+    p.add_argument("--workers", dest="num_workers", type=int, default=None,
+                   help="processes embedding images in parallel (≤ 1: in this process)")
     p.add_argument("--config", default=None, help="TOML/JSON file with EmbedConfig options")
     p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from phenoscope.cli.segment import collect_inputs
+    from phenoscope.batch import BatchInterrupted, check_writable, collect_inputs
     from phenoscope.config import load_config
-    from phenoscope.core.io import label_file_for
+    from phenoscope.core.io import IMAGE_SUFFIXES, label_file_for
+    from phenoscope.segment.files import OUTPUTS
     from phenoscope.ssl.embed import EmbedConfig, embed_images
 
+    apply_threads(args)
     crop = args.crop_size if args.crop_size is not None else (64 if args.masks else None)
     cfg = load_config(EmbedConfig, args.config, crop_size=crop, mask_background=args.mask_background or None,
                       center_crop=args.center_crop, n_last_blocks=args.n_last_blocks, layout=args.layout,
@@ -44,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.crop_size and args.masks is None:
         print("error: --crop-size (single-cell mode) needs --masks", file=sys.stderr)
         return 2
-    files, problems = collect_inputs(args.inputs)
-    for line in problems:
-        print(f"error: {line}", file=sys.stderr)
+    # images (or .npz crop stacks) beside their masks are fine; parts are numbered, not named by stem
+    files = collect_inputs(args.inputs, (*IMAGE_SUFFIXES, ".npz"), tuple(OUTPUTS.values()), unique_stems=False)
+    check_writable(args.out)
     masks = [label_file_for(f, args.masks) for f in files] if args.masks else None
     metadata = None
     if args.metadata:
@@ -54,10 +60,12 @@ def run(args: argparse.Namespace) -> int:
         metadata["Metadata_Image"] = metadata["Metadata_Image"].map(lambda s: Path(str(s)).stem)
     try:
         summary = embed_images(files, args.model, args.out, cfg, masks, metadata, args.device)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except BatchInterrupted as stop:
+        for line in stop.report.failure_lines():
+            print(f"error: {line}", file=sys.stderr)
+        print(f"{stop.report.summary('embedded')}; {stop}", file=sys.stderr)
+        raise
     for line in summary["failed"]:
         print(f"error: {line}", file=sys.stderr)
     print(json.dumps({k: (len(v) if k == "failed" else v) for k, v in summary.items()}))
-    return 1 if summary["failed"] or problems else 0
+    return 1 if summary["failed"] else 0

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from phenoscope.cli.common import add_run_options, apply_threads
+from phenoscope.cli.common import LazyChoices, add_run_options, apply_threads
 
 
 def add_parser(subparsers) -> None:
-    from phenoscope.ssl.pretrain import METHODS
-
     p = subparsers.add_parser("pretrain", help="self-supervised pretraining of a ViT on cell images")
-    p.add_argument("--method", choices=METHODS, default=None, help="objective (default: config's, else dino)")
+    p.add_argument("--method", choices=LazyChoices("phenoscope.ssl.pretrain", "METHODS"), metavar="METHOD", default=None,
+                   help="objective: %(choices)s (default: config's, else dino)")
     p.add_argument("--data", nargs="+", required=True, help=".npz files, image files or folders")
     p.add_argument("--out", required=True, help="output folder (checkpoints, logs, backbone.safetensors)")
     p.add_argument("--config", default=None, help="TOML/JSON file with PretrainConfig sections")

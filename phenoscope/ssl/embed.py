@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
 
+from phenoscope.batch import Item, make_executor, run_batch
 from phenoscope.config import to_dict
 from phenoscope.core.io import atomic_path, atomic_write, imread
 from phenoscope.core.checkpoint import Preprocessing
@@ -56,7 +56,7 @@ class EmbedConfig:
     channels: list[int] | None = None  # input channels to use, in order; repeats replicate (gray → "0,0,0")
     npz_key: str = "images"  # array of (N, C, H, W) crops in a .npz input (one row per crop)
     batch_size: int = 64  # crops per forward pass
-    num_workers: int = 0  # image-loading processes
+    num_workers: int = 0  # processes each embedding whole images (≤ 1: this process)
     output_format: str = "h5ad"  # AnnData file beside the Parquet table: h5ad | zarr
 
 
@@ -150,26 +150,22 @@ def image_crops(image_path: Path, mask_path: Path | None, cfg: EmbedConfig, in_c
                                      "Metadata_CentroidX": [image.shape[2] / 2]})
 
 
-class _Crops(Dataset):
-    """Item n: (n, crops, obs, error message) of image n, loaded in a worker."""
+@dataclass
+class _EmbedJob:
+    """Per-image step of :func:`embed_images`: crops → features → ``parts/<n>.parquet`` (atomic)."""
 
-    def __init__(self, items: list[tuple[int, Path, Path | None]], cfg: EmbedConfig, in_chans: int | None) -> None:
-        self.items, self.cfg, self.in_chans = items, cfg, in_chans
+    model: CellViT | BagOfChannels
+    cfg: EmbedConfig
+    device: torch.device
+    prep: Preprocessing
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        n, image, mask = self.items[i]
-        try:
-            crops, obs = image_crops(image, mask, self.cfg, self.in_chans)
-            return n, crops, obs, ""
-        except Exception as err:  # reported at the end; the run goes on
-            return n, None, None, f"{image}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-
-
-def _as_is(item):
-    return item  # keep numpy arrays and DataFrames as they are (no tensor conversion)
+    def __call__(self, item: Item) -> int:
+        crops, obs = image_crops(item.source, item.extra, self.cfg, input_channels(self.model))
+        feats = embed_crops(self.model, crops, self.cfg, self.device, self.prep)
+        table = pd.concat([obs, pd.DataFrame(feats, columns=[f"f{j}" for j in range(feats.shape[1])])], axis=1)
+        with atomic_path(item.outputs[0]) as tmp:
+            table.to_parquet(tmp, index=False)
+        return len(table)
 
 
 @torch.inference_mode()
@@ -214,8 +210,6 @@ def embed_images(
     ``metadata`` rows are joined on ``Metadata_Image`` (the image file stem). Returns a summary with
     the row count, the images done in this run, those skipped as already done, and the failures.
     """
-    from tqdm.auto import tqdm
-
     if cfg.output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {cfg.output_format!r}")
     if metadata is not None and "Metadata_Image" not in metadata:
@@ -233,20 +227,12 @@ def embed_images(
         raise ValueError(f"{out_dir} holds a run with other inputs, model or options; use a new --out folder")
     with atomic_write(state_file, "w") as fh:
         json.dump({"key": key, "model": str(model_path), "config": to_dict(cfg)}, fh, indent=2)
-    todo = [(n, im, mk) for n, (im, mk) in enumerate(zip(images, masks)) if not (parts / f"{n:07d}.parquet").exists()]
-    loader = DataLoader(_Crops(todo, cfg, input_channels(model)), batch_size=None, num_workers=cfg.num_workers,
-                        collate_fn=_as_is)
-    failures = []
-    for n, crops, obs, error in tqdm(loader, total=len(todo), desc="embed", unit="image", disable=not progress):
-        if error:
-            failures.append(error)
-            continue
-        feats = embed_crops(model, crops, cfg, dev, prep)
-        table = pd.concat([obs, pd.DataFrame(feats, columns=[f"f{j}" for j in range(feats.shape[1])])], axis=1)
-        with atomic_path(parts / f"{n:07d}.parquet") as tmp:
-            table.to_parquet(tmp, index=False)
+    items = [Item(Path(im), (parts / f"{n:07d}.parquet",), mk) for n, (im, mk) in enumerate(zip(images, masks))]
+    job = _EmbedJob(model, cfg, dev, prep)
+    report = run_batch(items, job, make_executor(cfg.num_workers), progress=progress, desc="embed")
+    failures = report.failure_lines()
     n_rows = gather(out_dir, len(images), metadata, cfg.output_format)
-    return {"rows": n_rows, "embedded": len(todo) - len(failures), "already_done": len(images) - len(todo), "failed": failures}
+    return {"rows": n_rows, "embedded": len(report.done), "already_done": len(report.skipped), "failed": failures}
 
 
 def gather(out_dir: Path, n_images: int, metadata: pd.DataFrame | None, output_format: str) -> int:

@@ -1,0 +1,301 @@
+"""Segment image files into label TIFFs, per-cell tables and viewer files, resumably.
+
+    report = segment_files(["images/"], "out", model="default")   # what `phenoscope segment` runs
+    summary = segment_file("a.png", "out", load_segmenter("classic"))
+
+Each image ``<stem>.<ext>`` gives ``<out>/<stem>_masks.tif`` and ``<stem>_cells.csv`` (plus, on request,
+``_seg.npy`` for the cellpose GUI, ``_outlines.png`` and ImageJ ``_rois.zip``), every file written
+atomically. ``<out>/segment_manifest.json`` records the model (sha256 of its weights file, or
+``classic``), the parameters that change masks, and the phenoscope version; a later run into the same
+folder with another model or other parameters is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phenoscope.batch import (BatchReport, InputError, Item, check_writable, collect_inputs, make_executor, plan,
+                              run_batch)
+from phenoscope.core.io import atomic_write, imread
+from phenoscope.segment.options import MaskOptions
+
+__all__ = [
+    "MANIFEST",
+    "OUTPUTS",
+    "ImageSummary",
+    "SegmentJob",
+    "SegmentParams",
+    "load_segmenter",
+    "manifest_for",
+    "parse_diameter",
+    "segment_file",
+    "segment_files",
+]
+
+MANIFEST = "segment_manifest.json"
+# output kind → file suffix; "masks" and "cells" are always written
+OUTPUTS = {"masks": "_masks.tif", "cells": "_cells.csv", "seg": "_seg.npy", "outlines": "_outlines.png",
+           "rois": "_rois.zip", "geojson": "_cells.geojson"}
+
+# image → (masks (H, W), flows (2, H, W) or None, cellprob (H, W) or None, diameter used in px or None)
+Segmenter = Callable[[np.ndarray], tuple]
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """Options of one segmentation run (sizes in px).
+
+    diameter: typical cell diameter (images are resized so it becomes the model's 30 px), ``"auto"``
+    (estimated from a first pass) or None (native size). ``batch_size`` (256² tiles per forward pass)
+    does not change masks; every other field does and is recorded in the manifest.
+    """
+
+    diameter: float | str | None = None
+    options: MaskOptions = field(default_factory=MaskOptions)
+    tile_overlap: float = 0.1
+    tta: bool = False
+    channel_axis: int | None = None
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    """Per-image result: the number of cells and the diameter (px) the image was segmented at."""
+
+    cells: int
+    diameter: float | None
+
+    def describe(self, path: Path) -> str:
+        """``<file>: <n> cells, diameter <d> px`` (with a warning when no cell was found)."""
+        size = f"diameter {self.diameter:.1f} px" if self.diameter is not None else "native scale (not resized)"
+        warn = " — warning: no cells found (check --diameter, --channel-axis and the model)" if not self.cells else ""
+        return f"{path}: {self.cells} cells, {size}{warn}"
+
+
+def parse_diameter(text: str) -> float | str:
+    """A ``--diameter`` value: a positive number of px, or 'auto' (an argparse type)."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a diameter in px or 'auto', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"diameter must be > 0 px, got {text}")
+    return value
+
+
+def _weights_file(model: str | Path) -> Path:
+    from phenoscope.segment.inference import DEFAULT_MODEL
+
+    path = DEFAULT_MODEL if str(model) == "default" else Path(model)
+    if not path.is_file():
+        raise FileNotFoundError(f"model {model}: no such file")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest_for(model: str | Path, params: SegmentParams) -> dict[str, Any]:
+    """The run identity: model (``classic`` or path + sha256 of its weights), mask-changing parameters, version."""
+    from phenoscope import __version__
+
+    if str(model) == "classic":  # the classical baseline uses only these two
+        identity: dict[str, Any] = {"model": "classic"}
+        parameters = {"channel_axis": params.channel_axis, "min_size": params.options.min_size}
+    else:
+        weights = _weights_file(model)
+        identity = {"model": str(weights.resolve()), "sha256": _sha256(weights)}
+        parameters = {k: v for k, v in asdict(params).items() if k != "batch_size"}
+    return {**identity, "parameters": parameters, "phenoscope": __version__}
+
+
+def _same_run(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    key = ("sha256",) if "sha256" in new else ("model",)
+    return all(old.get(k) == new.get(k) for k in key) and old.get("parameters") == new["parameters"]
+
+
+def check_manifest(out_dir: Path, manifest: dict[str, Any], items: Sequence[Item], overwrite: bool) -> None:
+    """Refuse (``InputError``) to add to ``out_dir`` when it holds outputs of another model or parameters
+    (or outputs of ours without a manifest), unless ``overwrite``."""
+    if overwrite:
+        return
+    path = out_dir / MANIFEST
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise InputError(f"{path}: unreadable manifest ({err}); use --overwrite to redo the run") from None
+        if not _same_run(old, manifest):
+            changed = [k for k in ("model", "sha256") if old.get(k) != manifest.get(k)]
+            old_params = old.get("parameters", {})
+            changed += [k for k, v in manifest["parameters"].items() if old_params.get(k) != v]
+            raise InputError(f"{path}: {out_dir} holds masks of another run (differs in {', '.join(changed)}); "
+                             "use --overwrite to redo them, or another --out folder")
+    elif any(p.exists() for item in items for p in item.outputs):
+        raise InputError(f"{out_dir}: holds outputs without a {MANIFEST} (unknown model and parameters); "
+                         "use --overwrite to redo them, or another --out folder")
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write ``<out_dir>/segment_manifest.json`` atomically."""
+    with atomic_write(out_dir / MANIFEST, "w") as fh:
+        json.dump(manifest, fh, indent=2)
+
+
+def _check_device(device: str | None) -> None:
+    import torch
+
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is available to torch")
+
+
+def load_segmenter(model: str | Path, params: SegmentParams = SegmentParams(), device: str | None = None) -> Segmenter:
+    """``classic`` (Otsu + watershed), ``default`` or a weights file → a callable ``image → (masks, flows,
+    cellprob, diameter)`` (flows, cellprob and diameter are None for ``classic``)."""
+    if str(model) == "classic":
+        return _Classic(params.channel_axis, params.options.min_size)
+    from phenoscope.segment.inference import load_model
+
+    _check_device(device)
+    weights = _weights_file(model)
+    try:
+        return _Network(load_model(weights, device=device), params)
+    except (ValueError, OSError, RuntimeError) as err:  # bad weights file; torch's "invalid device string"
+        raise InputError(f"model {model}: {err}") from None
+
+
+@dataclass
+class _Classic:
+    channel_axis: int | None
+    min_size: int
+
+    def __call__(self, image: np.ndarray) -> tuple:
+        from phenoscope.segment.classic import segment_classic
+
+        return segment_classic(image, channel_axis=self.channel_axis, min_size=self.min_size), None, None, None
+
+
+@dataclass
+class _Network:
+    model: Any  # phenoscope.segment.inference.CellposeSAM
+    params: SegmentParams
+
+    def __call__(self, image: np.ndarray) -> tuple:
+        p = self.params
+        res = self.model.segment(image, p.channel_axis, p.diameter, p.options, p.tile_overlap, p.batch_size, p.tta)
+        return res.masks, res.flows, res.cellprob, res.diameter
+
+
+def _suffixes(save: Sequence[str]) -> tuple[str, ...]:
+    unknown = set(save) - set(OUTPUTS)
+    if unknown:
+        raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {sorted(OUTPUTS)}")
+    return tuple(s for kind, s in OUTPUTS.items() if kind in ("masks", "cells") or kind in save)
+
+
+def segment_file(path: str | Path, out_dir: str | Path, segmenter: Segmenter, channel_axis: int | None = None,
+                 save: Sequence[str] = (), cp_names: Sequence[str] | None = None) -> ImageSummary:
+    """Segment one image file and write ``<out_dir>/<stem>_masks.tif``, ``_cells.csv`` and the ``save``
+    extras (``seg``, ``outlines``, ``rois``, ``geojson`` for QuPath). ``cp_names`` (channel names, may be
+    empty) writes the cell table with CellProfiler's column names instead. Raises ``ValueError`` naming
+    the problem for a bad image."""
+    from phenoscope.segment import outputs
+    from phenoscope.segment.preprocess import to_yxc
+
+    path, out_dir = Path(path), Path(out_dir)
+    _suffixes(save)
+    image = imread(path)
+    yxc = to_yxc(image, channel_axis, max_channels=image.size)  # validates axes; keeps all channels
+    masks, flows, cellprob, diameter = segmenter(image)  # raises on NaN/inf (normalisation)
+    stem = path.stem
+    outputs.write_masks(out_dir / f"{stem}_masks.tif", masks)
+    if cp_names is not None:
+        from phenoscope.interop.cellprofiler import write_cp_cell_table
+
+        table = write_cp_cell_table(out_dir / f"{stem}_cells.csv", masks, yxc, list(cp_names) or None)
+    else:
+        table = outputs.write_cell_table(out_dir / f"{stem}_cells.csv", masks, yxc, image_name=path.name)
+    if "geojson" in save:
+        from phenoscope.interop.geojson import write_geojson
+
+        write_geojson(out_dir / f"{stem}_cells.geojson", masks, table,
+                      label_column="label" if "label" in table else "Metadata_ObjectNumber")
+    if "seg" in save:
+        outputs.write_seg_npy(out_dir / f"{stem}_seg.npy", path, masks, flows, cellprob, diameter)
+    if "outlines" in save:
+        outputs.write_overlay_png(out_dir / f"{stem}_outlines.png", yxc, masks)
+    if "rois" in save:
+        outputs.write_imagej_rois(out_dir / f"{stem}_rois.zip", masks)
+    return ImageSummary(int(masks.max(initial=0)), None if diameter is None else float(diameter))
+
+
+@dataclass
+class SegmentJob:
+    """The per-item job of :func:`segment_files` (picklable: a process pool gets one copy per worker)."""
+
+    segmenter: Segmenter
+    out_dir: Path
+    channel_axis: int | None = None
+    save: tuple[str, ...] = ()
+    cp_names: tuple[str, ...] | None = None
+
+    def __call__(self, item: Item) -> ImageSummary:
+        return segment_file(item.source, self.out_dir, self.segmenter, self.channel_axis, self.save, self.cp_names)
+
+
+def segment_files(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    model: str | Path = "default",
+    params: SegmentParams = SegmentParams(),
+    save: Sequence[str] = (),
+    overwrite: bool = False,
+    workers: int = 1,
+    device: str | None = None,
+    threads: int = 0,
+    progress: bool | None = None,
+    on_done: Callable[[Item, ImageSummary], str | None] | None = None,
+    cp_names: Sequence[str] | None = None,
+) -> BatchReport:
+    """Segment files, folders and globs into ``out_dir`` (see the module docstring); resumable.
+
+    Before any model is loaded, raises :class:`phenoscope.batch.InputError` for missing inputs,
+    same-stem inputs, an unwritable ``out_dir``, a model file that does not exist, or a manifest of
+    another run. ``threads`` > 0 sets torch's CPU threads (in every worker process too). Per-file
+    failures are in the report; SIGINT / SIGTERM raise ``BatchInterrupted``.
+    """
+    out_dir = Path(out_dir)
+    files = collect_inputs(inputs, exclude=tuple(OUTPUTS.values()))
+    check_writable(out_dir)
+    items = plan(files, out_dir, _suffixes(save))
+    manifest = manifest_for(model, params)
+    check_manifest(out_dir, manifest, items, overwrite)
+    if threads:
+        _set_threads(threads)
+    segmenter = load_segmenter(model, params, device)
+    write_manifest(out_dir, manifest)
+    job = SegmentJob(segmenter, out_dir, params.channel_axis, tuple(save), None if cp_names is None else tuple(cp_names))
+    executor = make_executor(workers, partial(_set_threads, threads) if threads else None)
+    return run_batch(items, job, executor, overwrite, progress, "segment", on_done)
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
