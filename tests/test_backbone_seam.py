@@ -92,8 +92,12 @@ def test_encoder_tokens_are_the_network_features_and_masks_act_before_positions(
 
 
 def test_registry_lists_every_method_and_rejects_clashes():
+    from phenoscope.ssl.pretrain import PretrainConfig
+
     known = methods()
     assert set(known) >= {"dino", "simclr", "mae", "mocov3"}
+    cfg = PretrainConfig()
+    assert all(isinstance(getattr(cfg, name), m.config) for name, m in known.items())  # one section per method
     assert {name: m.local_crops for name, m in known.items() if name in TINY_HEADS} == {
         "dino": True, "simclr": False, "mae": False, "mocov3": False}
     assert register(known["simclr"]) is known["simclr"]  # re-registering the same method is a no-op
@@ -186,6 +190,7 @@ def test_moco_pretrained_encoder_starts_segmentation_training(pretrained, tmp_pa
     path, data = pretrained
     ckpt = read_checkpoint(path)
     assert ckpt.kind == "seg-encoder" and ckpt.config == json_form(variant("nano"))
+    assert ckpt.preprocessing.normalize == "percentile" and ckpt.preprocessing.input_size == 128
     ssl_state = {k: v for k, v in ckpt.state.items() if k != "mask_token"}
     torch.manual_seed(0)
     random_init = Encoder(variant("nano")).state_dict()
@@ -234,6 +239,19 @@ def test_mismatched_init_backbone_is_refused_before_training(pretrained, tmp_pat
         load_encoder_into(CellposeSAMNet(variant("nano")), bad)
     with pytest.raises(FileNotFoundError, match="init backbone not found"):
         load_encoder_into(build_net("nano"), tmp_path / "none.safetensors")
+
+
+def test_segmentation_encoder_pretrains_on_the_inputs_segmentation_trains_on(pretrained):
+    """Pretraining images of a seg backbone equal segmentation's training inputs of the same files (exactly)."""
+    from phenoscope.segment.training import load_training_image
+    from phenoscope.ssl.data import FileSource
+    from phenoscope.ssl.pretrain import SegmentationInputs
+
+    files = sorted((pretrained[1] / "images").iterdir())
+    for merge in (True, False):
+        ours = SegmentationInputs(FileSource(files), 3, merge)
+        for i, f in enumerate(files):
+            np.testing.assert_array_equal(ours[i], load_training_image(f, 3, merge))
 
 
 def test_save_encoder_round_trip(tmp_path):

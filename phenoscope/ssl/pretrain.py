@@ -18,7 +18,7 @@ from phenoscope.config import to_dict
 from phenoscope.core.checkpoint import Preprocessing, provenance
 from phenoscope.core.io import IMAGE_SUFFIXES, atomic_write
 from phenoscope.ssl.augment import AugmentConfig
-from phenoscope.nn.backbone import Backbone
+from phenoscope.nn.backbone import Backbone, check_backbone
 from phenoscope.ssl.backbone import CellViT, ViTConfig
 from phenoscope.ssl.checkpoint import load_dinov2_backbone, save_backbone
 from phenoscope.ssl.data import ArraySource, ChannelsAsSamples, FileSource, FOVCrops, MultiCropCollate, MultiCropDataset
@@ -45,8 +45,10 @@ class _CommonConfig:
     """Everything ``phenoscope pretrain`` needs; every section is a dataclass with defaults.
 
     ``backbone``: ``vit`` (the ``[vit]`` section, or ``init_checkpoint``) or ``seg-<variant>``, the
-    Cellpose-SAM encoder of that variant (``seg-nano`` ... ``seg-large``; images with fewer channels than
-    its ``in_chans`` are zero-padded, as segmentation does). Each registered method adds its own section.
+    Cellpose-SAM encoder of that variant (``seg-nano`` ... ``seg-large``). Its images are prepared as for
+    segmentation (:class:`SegmentationInputs`) and the views keep that scale (``[augment] normalize`` is
+    replaced by identity ``dataset`` statistics), so the encoder is pretrained on the inputs it segments.
+    Each registered method adds its own section.
     """
 
     method: str = "dino"
@@ -108,22 +110,29 @@ def channel_stats(source, n_max: int = 2000, seed: int = 0) -> dict[str, list[fl
     return {"channel_mean": mean.tolist(), "channel_std": std.tolist()}
 
 
-class PadChannels:
-    """Images of a source zero-padded to ``n_channels`` channels (C ≤ n_channels, H, W) → (n_channels, H, W)."""
+class SegmentationInputs:
+    """Images of a source prepared as segmentation prepares them (:func:`phenoscope.segment.preprocess.network_input`):
+    (C, H, W) → (in_chans, H, W) float32, each channel 1–99 % percentile-normalised, a gray image stored as
+    identical planes merged to one if the network does so, zero-padded to ``in_chans``."""
 
-    def __init__(self, source, n_channels: int) -> None:
-        self.source, self.n_channels = source, n_channels
+    def __init__(self, source, in_chans: int, merge_identical: bool) -> None:
+        self.source, self.in_chans, self.merge_identical = source, in_chans, merge_identical
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        x = self.source[i]
-        if x.shape[0] > self.n_channels:
-            raise ValueError(f"image {i} has {x.shape[0]} channels; the backbone takes at most {self.n_channels}")
-        out = np.zeros((self.n_channels, *x.shape[1:]), np.float32)
+        from phenoscope.segment.preprocess import network_input
+
+        x = network_input(np.asarray(self.source[i]), 0, self.in_chans, self.merge_identical)
+        out = np.zeros((self.in_chans, *x.shape[1:]), np.float32)
         out[: x.shape[0]] = x
         return out
+
+
+def is_segmentation_backbone(cfg: PretrainConfig) -> bool:
+    """Whether ``cfg.backbone`` names a Cellpose-SAM encoder (``seg-<variant>``)."""
+    return cfg.backbone.startswith(SEG_PREFIX)
 
 
 def backbone_names() -> tuple[str, ...]:
@@ -137,7 +146,7 @@ def build_backbone(cfg: PretrainConfig, in_chans: int) -> Backbone:
     """Random or checkpoint-initialised backbone for images of ``in_chans`` channels.
 
     ``vit``: a :class:`CellViT` with ``in_chans`` channels. ``seg-<variant>``: the Cellpose-SAM encoder
-    of that variant with a mask token (its own ``in_chans``; the data are padded to it).
+    of that variant with a mask token (its own ``in_chans``; the data are zero-padded to it).
     """
     if cfg.backbone == "vit":
         if cfg.init_checkpoint:
@@ -158,7 +167,7 @@ def build_backbone(cfg: PretrainConfig, in_chans: int) -> Backbone:
 def build_objective(cfg: PretrainConfig, backbone: Backbone) -> nn.Module:
     """The objective module of ``cfg.method`` (its section of ``cfg`` holds the options)."""
     method = get_method(cfg.method)
-    return method.build(backbone, getattr(cfg, method.name), cfg.augment.global_size)
+    return method.build(check_backbone(backbone), getattr(cfg, method.name), cfg.augment.global_size)
 
 
 def save_pretrained(backbone: Backbone, path: Path, preprocessing: Preprocessing, record: dict[str, Any]) -> Path:
@@ -172,8 +181,10 @@ def save_pretrained(backbone: Backbone, path: Path, preprocessing: Preprocessing
 
 def input_preprocessing(cfg: PretrainConfig) -> Preprocessing:
     """What the backbone's training inputs went through, for its checkpoint: normalisation (and its
-    statistics), bag-of-channels, and the global-view size in pixels."""
+    statistics; ``percentile`` for a segmentation encoder), bag-of-channels, and the global-view size in pixels."""
     aug = cfg.augment
+    if is_segmentation_backbone(cfg):
+        return Preprocessing(normalize="percentile", input_size=aug.global_size)
     return Preprocessing(normalize=aug.normalize, channel_mean=aug.channel_mean, channel_std=aug.channel_std,
                          bag_of_channels=cfg.bag_of_channels, input_size=aug.global_size)
 
@@ -189,10 +200,12 @@ def pretrain(cfg: PretrainConfig, data: list[str | Path], out_dir: str | Path, r
     if cfg.bag_of_channels:
         source = ChannelsAsSamples(source, n_chans)
     backbone = build_backbone(cfg, 1 if cfg.bag_of_channels else n_chans)
-    if backbone.in_chans != n_chans and not cfg.bag_of_channels:
-        source = PadChannels(source, backbone.in_chans)
     objective = build_objective(cfg, backbone)
     augment = cfg.augment
+    if is_segmentation_backbone(cfg):
+        source = SegmentationInputs(source, backbone.in_chans, backbone.cfg.merge_identical_channels)
+        augment = replace(augment, normalize="dataset", channel_mean=[0.0] * backbone.in_chans,
+                          channel_std=[1.0] * backbone.in_chans)
     if not method.local_crops and augment.n_local:
         augment = replace(augment, n_local=0)  # the method uses the two global views only
     if augment.normalize == "dataset" and augment.channel_mean is None:
