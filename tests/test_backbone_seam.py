@@ -112,9 +112,10 @@ def _views(aug: AugmentConfig, n: int = 4) -> dict[str, torch.Tensor]:
     return MultiCropCollate(aug, 8)([ds[i] for i in range(n)])
 
 
-@pytest.mark.parametrize("name", ["dino", "simclr", "mocov3"])
+@pytest.mark.parametrize("name", ["dino", "simclr", "mocov3", "mae"])
 def test_every_method_trains_the_segmentation_encoder(name):
-    """One step of each method on the nano encoder (DINO with masks and 32-px local crops) moves its blocks."""
+    """One step of each method on the nano encoder (DINO with masks and 32-px local crops, MAE on a
+    quarter of the patches) moves its blocks and neck."""
     torch.manual_seed(0)
     method = get_method(name)
     enc = Encoder(variant("nano", depth=2), mask_token=True)
@@ -127,12 +128,52 @@ def test_every_method_trains_the_segmentation_encoder(name):
     assert (enc.mask_token.grad is not None) == (name == "dino")  # only iBOT masks patches
 
 
+def test_encoder_on_a_subset_of_patches_keeps_their_grid_positions():
+    """MAE's ``keep``: the kept patches attend as they would in the full grid (rel-pos bias included) and
+    nothing of the dropped patches reaches them."""
+    torch.manual_seed(0)
+    cfg = variant("nano", depth=2)
+    enc = Encoder(cfg, mask_token=True)
+    with torch.no_grad():
+        for blk in enc.blocks:  # non-zero rel-pos tables, so that a wrong position would show
+            blk.attn.rel_pos_h.normal_()
+            blk.attn.rel_pos_w.normal_()
+        x = torch.randn(2, 3, cfg.tile, cfg.tile)
+        n = cfg.grid**2
+        order = torch.stack([torch.randperm(n) for _ in range(2)])
+        full = enc.forward_tokens(x)["patches"]
+        # every patch, in a shuffled order: the full forward, shuffled alike (float tolerance 1e-5)
+        shuffled = enc.forward_tokens(x, keep=order)["patches"]
+        want = full.gather(1, order.unsqueeze(-1).expand(-1, -1, enc.embed_dim))
+        torch.testing.assert_close(shuffled, want, atol=1e-5, rtol=1e-5)
+        keep = order[:, : n // 4]
+        dropped = order[0, n // 4]
+        x2 = x.clone()
+        r, c = divmod(int(dropped), cfg.grid)
+        x2[0, :, r * cfg.patch:(r + 1) * cfg.patch, c * cfg.patch:(c + 1) * cfg.patch] += 10.0
+        assert torch.equal(enc.forward_tokens(x2, keep=keep)["patches"], enc.forward_tokens(x, keep=keep)["patches"])
+
+
+class _NoSubset(torch.nn.Module):
+    """A Backbone whose forward_tokens has no ``keep``."""
+
+    embed_dim, patch_size, in_chans, depth = 8, 8, 3, 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask_token = torch.nn.Parameter(torch.zeros(1, 8))
+
+    def forward_tokens(self, x, masks=None):
+        raise NotImplementedError
+
+
 def test_mae_needs_a_backbone_that_encodes_a_subset_and_bad_backbones_are_named():
     from phenoscope.ssl.pretrain import PretrainConfig, build_backbone
 
     method = get_method("mae")
-    with pytest.raises(ValueError, match="subset of patches"):
-        method.build(Encoder(variant("nano", depth=1), mask_token=True), method.config(**TINY_HEADS["mae"]), 64)
+    assert isinstance(_NoSubset(), Backbone)
+    with pytest.raises(ValueError, match="_NoSubset does not"):
+        method.build(_NoSubset(), method.config(**TINY_HEADS["mae"]), 64)
     with pytest.raises(ValueError, match=r"unknown backbone 'seg-huge'; choose from \('vit', 'seg-large'"):
         build_backbone(PretrainConfig(backbone="seg-huge"), 3)
     with pytest.raises(ValueError, match="seg-nano takes at most 3 channels, the data have 4"):

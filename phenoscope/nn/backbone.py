@@ -36,7 +36,8 @@ class Backbone(Protocol):
     def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Images (B, C, H, W) → ``{"cls": (B, D), "patches": (B, N, D)}`` (patches in row-major order).
 
-        ``masks``: optional bool (B, N); True patches are replaced by ``mask_token``.
+        ``masks``: optional bool (B, N); True patches are replaced by ``mask_token``. A backbone may also
+        take ``keep`` (long (B, K): encode only these patches, ``patches`` is then (B, K, D)), which MAE needs.
         """
         ...
 

@@ -141,6 +141,25 @@ class Attention(nn.Module):
         return linear(out.transpose(1, 2).reshape(b, h, w, c), self.proj)
 
 
+    def forward_subset(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Attention among a subset of the tokens of an h × w grid (MAE encoder).
+
+        x: (B, K, C) tokens at grid rows ``rows`` and columns ``cols`` (long (B, K)) → (B, K, C); the
+        rel-pos bias of each pair is the one it has in the full grid.
+        """
+        b, k, c = x.shape
+        qkv = linear(x, self.qkv).reshape(b, k, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, key, v = qkv.unbind(0)  # (B, heads, K, head_dim)
+        rh, rw = self.rel_tables(h, w)
+        # q_i · R_h[row_i, r] for every grid row r, then picked at the key's row (same for columns)
+        qh = torch.einsum("bnic,birc->bnir", q, rh[rows])
+        qw = torch.einsum("bnic,birc->bnir", q, rw[cols])
+        bias = qh.gather(-1, rows[:, None, None, :].expand(-1, self.heads, k, -1)) + qw.gather(
+            -1, cols[:, None, None, :].expand(-1, self.heads, k, -1))
+        out = F.scaled_dot_product_attention(q, key, v, attn_mask=bias)
+        return linear(out.transpose(1, 2).reshape(b, k, c), self.proj)
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -163,6 +182,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, bias_out: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), bias_out)
+        return x + self.mlp(self.norm2(x))
+
+    def forward_subset(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The block on a subset (B, K, C) of an h × w token grid (see :meth:`Attention.forward_subset`)."""
+        x = x + self.attn.forward_subset(self.norm1(x), rows, cols, h, w)
         return x + self.mlp(self.norm2(x))
 
 
@@ -279,10 +303,29 @@ class Encoder(nn.Module):
             x = blk(x, bias_out)
         return self.neck(x.permute(0, 3, 1, 2))
 
-    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward_tokens(
+        self, x: torch.Tensor, masks: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """:class:`phenoscope.nn.Backbone` view: images (B, C, H, W) → ``patches`` (B, N, neck_dim), the neck
-        features in row-major order, and ``cls`` (B, neck_dim), their mean."""
-        patches = self.features(self.input_tokens(x, masks)).flatten(2).transpose(1, 2)
+        features in row-major order, and ``cls`` (B, neck_dim), their mean.
+
+        ``keep`` (long (B, K), MAE): the blocks see only these patches, each with its place in the grid; the
+        neck then runs on the grid with zeros at the other places, and ``patches`` (B, K, neck_dim) are its
+        features at the kept places.
+        """
+        t = self.input_tokens(x, masks)
+        if keep is None:
+            patches = self.features(t).flatten(2).transpose(1, 2)
+            return {"cls": patches.mean(dim=1), "patches": patches}
+        b, h, w, dim = t.shape
+        index = keep.unsqueeze(-1).expand(-1, -1, dim)
+        sub = t.reshape(b, h * w, dim).gather(1, index)
+        rows, cols = keep // w, keep % w
+        for blk in self.blocks:
+            sub = blk.forward_subset(sub, rows, cols, h, w)
+        grid = sub.new_zeros(b, h * w, dim).scatter(1, index, sub).reshape(b, h, w, dim)
+        feats = self.neck(grid.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
+        patches = feats.gather(1, keep.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
         return {"cls": patches.mean(dim=1), "patches": patches}
 
 

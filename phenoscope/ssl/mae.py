@@ -3,7 +3,7 @@ masked pixels.
 
 Batch: ``global`` (2B, C, H, W), view-major (``phenoscope.ssl.data.MultiCropCollate``). MAE needs a
 backbone whose ``forward_tokens`` also takes ``keep`` (indices of the only patches to encode), as
-:class:`phenoscope.ssl.backbone.CellViT` does.
+:class:`phenoscope.ssl.backbone.CellViT` and the Cellpose-SAM ``Encoder`` do.
 """
 
 from __future__ import annotations
