@@ -17,8 +17,8 @@ from torch import nn
 from phenoscope.config import to_dict
 from phenoscope.core.checkpoint import Preprocessing, provenance
 from phenoscope.core.io import IMAGE_SUFFIXES, atomic_write
-from phenoscope.ssl.augment import AugmentConfig
 from phenoscope.nn.backbone import Backbone, check_backbone
+from phenoscope.ssl.augment import AugmentConfig
 from phenoscope.ssl.backbone import CellViT, ViTConfig
 from phenoscope.ssl.checkpoint import load_dinov2_backbone, save_backbone
 from phenoscope.ssl.data import ArraySource, ChannelsAsSamples, FileSource, FOVCrops, MultiCropCollate, MultiCropDataset
