@@ -21,10 +21,10 @@ from phenoscope.ssl.data import ArraySource, MultiCropCollate, MultiCropDataset
 from phenoscope.ssl.registry import Method, get_method, methods, register
 from phenoscope.train.loop import Progress
 
-TINY_HEADS = {"dino": dict(n_prototypes=32, head_hidden_dim=32, head_bottleneck_dim=16),
-              "simclr": dict(proj_hidden_dim=32, proj_dim=16),
-              "mocov3": dict(proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32),
-              "mae": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)}
+TINY_HEADS = {"dino": {"n_prototypes": 32, "head_hidden_dim": 32, "head_bottleneck_dim": 16},
+              "simclr": {"proj_hidden_dim": 32, "proj_dim": 16},
+              "mocov3": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
+              "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}}
 
 
 def json_form(cfg) -> dict:
