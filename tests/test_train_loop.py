@@ -14,11 +14,13 @@ import torch
 
 from phenoscope.ssl.augment import AugmentConfig
 from phenoscope.ssl.backbone import CellViT, ViTConfig
-from phenoscope.ssl.baselines import MAE, MAEConfig, MoCo, MoCoConfig, SimCLR, SimCLRConfig
 from phenoscope.ssl.checkpoint import load_backbone
 from phenoscope.ssl.data import ArraySource, MultiCropCollate, MultiCropDataset
 from phenoscope.ssl.dino import DINO, DINOConfig
 from phenoscope.ssl.losses import patchify
+from phenoscope.ssl.mae import MAE, MAEConfig
+from phenoscope.ssl.moco import MoCo, MoCoConfig
+from phenoscope.ssl.simclr import SimCLR, SimCLRConfig
 from phenoscope.train.loop import Progress, TrainConfig, train
 
 AUG = AugmentConfig(global_size=32, local_size=16, n_local=2)

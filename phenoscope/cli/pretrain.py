@@ -1,4 +1,4 @@
-"""``phenoscope pretrain``: self-supervised pretraining (Cell-DINO, SimCLR, MAE, MoCo v3)."""
+"""``phenoscope pretrain``: self-supervised pretraining (Cell-DINO, SimCLR, MAE, MoCo v3) of a ViT or a segmentation encoder."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("pretrain", help="self-supervised pretraining of a ViT on cell images")
     p.add_argument("--method", choices=LazyChoices("phenoscope.ssl.pretrain", "METHODS"), metavar="METHOD", default=None,
                    help="objective: %(choices)s (default: config's, else dino)")
+    p.add_argument("--backbone", default=None,
+                   help="vit (default) or seg-nano|seg-tiny|seg-small|seg-large: the Cellpose-SAM encoder, for "
+                        "phenoscope train --init-backbone")
     p.add_argument("--data", nargs="+", required=True, help=".npz files, image files or folders")
     p.add_argument("--out", required=True, help="output folder (checkpoints, logs, backbone.safetensors)")
     p.add_argument("--config", default=None, help="TOML/JSON file with PretrainConfig sections")
@@ -24,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from phenoscope.ssl.pretrain import PretrainConfig, pretrain
 
     apply_threads(args)
-    cfg = load_config(PretrainConfig, args.config, method=args.method)
+    cfg = load_config(PretrainConfig, args.config, method=args.method, backbone=args.backbone)
     summary = pretrain(cfg, args.data, args.out, resume=args.resume)
     print(json.dumps(summary))
     return 0

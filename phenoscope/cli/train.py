@@ -15,6 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", required=True, help="folder of label images, same stems (optionally _masks), 0 = background")
     p.add_argument("--out", required=True, help="output folder: checkpoints, logs, split.json, model.safetensors")
     p.add_argument("--model", default=None, help="variant (nano, tiny, small, large) or weights file to fine-tune")
+    p.add_argument("--init-backbone", default=None,
+                   help="seg-encoder checkpoint (phenoscope pretrain --backbone seg-<variant>) to start the encoder from")
     p.add_argument("--config", default=None, help="TOML/JSON file with SegTrainConfig options ([augment], [train])")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from phenoscope.segment.training import SegLoopConfig, SegTrainConfig, train_segmentation
 
     apply_threads(args)
-    cfg = load_config(SegTrainConfig, args.config, model=args.model, val_ids=args.val_ids,
+    cfg = load_config(SegTrainConfig, args.config, model=args.model, init_backbone=args.init_backbone, val_ids=args.val_ids,
                       val_fraction=args.val_fraction, val_every=args.val_every)
     loop = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
             "checkpoint_every": args.save_every, "max_minutes": args.max_minutes}

@@ -3,7 +3,8 @@
 Cellpose files are read with ``torch.load(weights_only=True)`` (no code is unpickled). Our own models
 are self-describing ``.safetensors`` checkpoints (:mod:`phenoscope.core.checkpoint`, kind ``cellpose-sam``:
 the :class:`NetConfig`, percentile preprocessing and provenance in the metadata); files with the earlier
-``.json`` sidecar still load. Every load is strict; a mismatch raises ``ValueError`` listing missing,
+``.json`` sidecar still load. Self-supervised pretrained encoders (kind ``seg-encoder``, written by
+``phenoscope pretrain --backbone seg-<variant>``) load into a network's encoder. Every load is strict; a mismatch raises ``ValueError`` listing missing,
 unexpected and mis-shaped keys.
 """
 
@@ -18,9 +19,12 @@ import torch
 
 from phenoscope.core.checkpoint import Preprocessing, read_checkpoint, read_torch_weights, save_checkpoint
 from phenoscope.core.state import load_state_strict
-from phenoscope.segment.net import CellposeSAMNet, NetConfig
+from phenoscope.segment.net import CellposeSAMNet, Encoder, NetConfig
 
 KIND = "cellpose-sam"
+ENCODER_KIND = "seg-encoder"
+# NetConfig fields that shape the encoder's weights (nout, diam_mean and the channel rule do not)
+_ENCODER_FIELDS = ("depth", "dim", "heads", "mlp_ratio", "patch", "tile", "in_chans", "neck_dim", "rel_pos_rows")
 # keys of cellpose's CPSAM that hold no learnable state of ours
 _CELLPOSE_EXTRA = ("W2", "diam_mean", "diam_labels")
 
@@ -111,3 +115,31 @@ def load_network(path: str | Path) -> CellposeSAMNet:
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     return load_saved_model(path) if path.suffix == ".safetensors" else load_cellpose_checkpoint(path)
+
+
+def save_encoder(
+    encoder: Encoder, path: str | Path, preprocessing: Preprocessing | None = None, provenance: dict[str, Any] | None = None
+) -> Path:
+    """Write a (pretrained) encoder as a self-describing checkpoint of kind ``seg-encoder`` (config: its :class:`NetConfig`)."""
+    return save_checkpoint(path, encoder.state_dict(), ENCODER_KIND, dataclasses.asdict(encoder.cfg), preprocessing, provenance)
+
+
+def load_encoder_into(net: CellposeSAMNet, path: str | Path) -> None:
+    """Copy the encoder weights of a ``seg-encoder`` checkpoint into ``net.encoder``, strictly.
+
+    ``ValueError`` naming the file if it is another kind, if its config differs from ``net.cfg`` in a
+    field that shapes the encoder (listing the differences), or if the weights do not match (key diff).
+    The SSL-only ``mask_token`` is not part of the segmentation network and is left out.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init backbone not found: {path}")
+    ckpt = read_checkpoint(path)
+    if ckpt.kind != ENCODER_KIND:
+        raise ValueError(f"{path}: a {ckpt.kind!r} checkpoint, not a segmentation encoder ({ENCODER_KIND!r})")
+    cfg = net_config(ckpt.config, str(path))
+    diff = [f"{name}: checkpoint {getattr(cfg, name)!r}, network {getattr(net.cfg, name)!r}"
+            for name in _ENCODER_FIELDS if getattr(cfg, name) != getattr(net.cfg, name)]
+    if diff:
+        raise ValueError(f"{path}: encoder config does not match the network ({'; '.join(diff)})")
+    load_state_strict(net.encoder, {k: v for k, v in ckpt.state.items() if k != "mask_token"}, str(path))

@@ -141,6 +141,25 @@ class Attention(nn.Module):
         return linear(out.transpose(1, 2).reshape(b, h, w, c), self.proj)
 
 
+    def forward_subset(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Attention among a subset of the tokens of an h × w grid (MAE encoder).
+
+        x: (B, K, C) tokens at grid rows ``rows`` and columns ``cols`` (long (B, K)) → (B, K, C); the
+        rel-pos bias of each pair is the one it has in the full grid.
+        """
+        b, k, c = x.shape
+        qkv = linear(x, self.qkv).reshape(b, k, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, key, v = qkv.unbind(0)  # (B, heads, K, head_dim)
+        rh, rw = self.rel_tables(h, w)
+        # q_i · R_h[row_i, r] for every grid row r, then picked at the key's row (same for columns)
+        qh = torch.einsum("bnic,birc->bnir", q, rh[rows])
+        qw = torch.einsum("bnic,birc->bnir", q, rw[cols])
+        bias = qh.gather(-1, rows[:, None, None, :].expand(-1, self.heads, k, -1)) + qw.gather(
+            -1, cols[:, None, None, :].expand(-1, self.heads, k, -1))
+        out = F.scaled_dot_product_attention(q, key, v, attn_mask=bias)
+        return linear(out.transpose(1, 2).reshape(b, k, c), self.proj)
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -165,6 +184,11 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), bias_out)
         return x + self.mlp(self.norm2(x))
 
+    def forward_subset(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The block on a subset (B, K, C) of an h × w token grid (see :meth:`Attention.forward_subset`)."""
+        x = x + self.attn.forward_subset(self.norm1(x), rows, cols, h, w)
+        return x + self.mlp(self.norm2(x))
+
 
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of (B, C, H, W) maps (SAM's neck norm)."""
@@ -187,10 +211,19 @@ class PatchEmbed(nn.Module):
 
 
 class Encoder(nn.Module):
-    """SAM ViT image encoder with global attention in every block, followed by SAM's neck."""
+    """SAM ViT image encoder with global attention in every block, followed by SAM's neck.
 
-    def __init__(self, cfg: NetConfig) -> None:
+    It is a :class:`phenoscope.nn.Backbone`, so every SSL method can pretrain it: ``forward_tokens``
+    gives the neck features as patch tokens (width ``embed_dim`` = ``neck_dim``) and their mean as
+    ``cls``. The neck's features are what the segmentation readout reads, and they are layer-normed per
+    token like a ViT's final norm, so pretraining through them trains every weight the readout sees.
+    ``mask_token=True`` adds the learnable (1, dim) mask token; the segmentation network is built
+    without it, so its state dict keeps cpsam's keys.
+    """
+
+    def __init__(self, cfg: NetConfig, mask_token: bool = False) -> None:
         super().__init__()
+        self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg.in_chans, cfg.dim, cfg.patch)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid, cfg.grid, cfg.dim))
         self.blocks = nn.ModuleList(
@@ -202,6 +235,45 @@ class Encoder(nn.Module):
             nn.Conv2d(cfg.neck_dim, cfg.neck_dim, kernel_size=3, padding=1, bias=False),
             LayerNorm2d(cfg.neck_dim),
         )
+        self.mask_token = nn.Parameter(torch.zeros(1, cfg.dim)) if mask_token else None
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the output tokens (the neck's channels)."""
+        return self.cfg.neck_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.cfg.patch
+
+    @property
+    def in_chans(self) -> int:
+        return self.cfg.in_chans
+
+    @property
+    def depth(self) -> int:
+        return self.cfg.depth
+
+    def input_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, in_chans, H, W) images → (B, H/patch, W/patch, dim) tokens entering the first block.
+
+        ``masks`` (bool (B, N), N = tokens in row-major order) replace patch embeddings by ``mask_token``
+        before the position embedding. The position grid is resized bicubically for inputs other than
+        ``tile`` × ``tile`` (local crops); at the tile size it is used as stored.
+        """
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
+            raise ValueError(f"expected input (B, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}")
+        t = self.patch_embed.proj(x).permute(0, 2, 3, 1)
+        if masks is not None:
+            if self.mask_token is None:
+                raise ValueError("this encoder was built without a mask token (Encoder(cfg, mask_token=True))")
+            if masks.shape != (t.shape[0], t.shape[1] * t.shape[2]):
+                raise ValueError(f"masks must have shape {(t.shape[0], t.shape[1] * t.shape[2])}, got {tuple(masks.shape)}")
+            t = torch.where(masks.reshape(t.shape[:3]).unsqueeze(-1), self.mask_token.to(t.dtype), t)
+        pos = self.pos_embed
+        if pos.shape[1:3] != t.shape[1:3]:
+            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=t.shape[1:3], mode="bicubic").permute(0, 2, 3, 1)
+        return t + pos
 
     def forward(self, x: torch.Tensor, layer_drop: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, in_chans, T, T) images → (B, neck_dim, T/patch, T/patch) features.
@@ -209,7 +281,10 @@ class Encoder(nn.Module):
         ``layer_drop`` (training): block i is skipped for each sample with probability
         ``layer_drop · i / (depth − 1)`` (cellpose's linear ramp); skipped samples are not computed.
         """
-        x = self.patch_embed.proj(x).permute(0, 2, 3, 1) + self.pos_embed
+        return self.features(self.input_tokens(x), layer_drop, generator)
+
+    def features(self, x: torch.Tensor, layer_drop: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Input tokens (B, h, w, dim) → neck features (B, neck_dim, h, w); ``layer_drop`` as in :meth:`forward`."""
         if layer_drop > 0 and self.training:
             p = torch.linspace(0, layer_drop, len(self.blocks))
             keep = torch.rand(len(self.blocks), x.shape[0], generator=generator) >= p[:, None]
@@ -227,6 +302,31 @@ class Encoder(nn.Module):
         for blk in self.blocks:
             x = blk(x, bias_out)
         return self.neck(x.permute(0, 3, 1, 2))
+
+    def forward_tokens(
+        self, x: torch.Tensor, masks: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """:class:`phenoscope.nn.Backbone` view: images (B, C, H, W) → ``patches`` (B, N, neck_dim), the neck
+        features in row-major order, and ``cls`` (B, neck_dim), their mean.
+
+        ``keep`` (long (B, K), MAE): the blocks see only these patches, each with its place in the grid; the
+        neck then runs on the grid with zeros at the other places, and ``patches`` (B, K, neck_dim) are its
+        features at the kept places.
+        """
+        t = self.input_tokens(x, masks)
+        if keep is None:
+            patches = self.features(t).flatten(2).transpose(1, 2)
+            return {"cls": patches.mean(dim=1), "patches": patches}
+        b, h, w, dim = t.shape
+        index = keep.unsqueeze(-1).expand(-1, -1, dim)
+        sub = t.reshape(b, h * w, dim).gather(1, index)
+        rows, cols = keep // w, keep % w
+        for blk in self.blocks:
+            sub = blk.forward_subset(sub, rows, cols, h, w)
+        grid = sub.new_zeros(b, h * w, dim).scatter(1, index, sub).reshape(b, h, w, dim)
+        feats = self.neck(grid.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
+        patches = feats.gather(1, keep.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        return {"cls": patches.mean(dim=1), "patches": patches}
 
 
 class CellposeSAMNet(nn.Module):

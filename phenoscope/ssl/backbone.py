@@ -99,7 +99,8 @@ def interpolate_pos_embed_dinov2(
 
 
 class CellViT(VisionTransformer):
-    """timm ViT with dinov2 token layout ``[cls, registers..., patches]`` and masked inputs.
+    """timm ViT with dinov2 token layout ``[cls, registers..., patches]`` and masked inputs; a
+    :class:`phenoscope.nn.Backbone`.
 
     The class-token position embedding is folded into ``cls_token`` (timm's
     ``no_embed_class`` layout), so ``pos_embed`` holds patch positions only.
@@ -130,6 +131,16 @@ class CellViT(VisionTransformer):
     @property
     def n_prefix(self) -> int:
         return 1 + self.cfg.num_registers
+
+    @property
+    def patch_size(self) -> int:
+        """Patch side in pixels (:class:`phenoscope.nn.Backbone`; ``embed_dim`` and ``in_chans`` are timm's)."""
+        return self.cfg.patch_size
+
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks."""
+        return self.cfg.depth
 
     def forward_tokens(
         self, x: torch.Tensor, masks: torch.Tensor | None = None, keep: torch.Tensor | None = None

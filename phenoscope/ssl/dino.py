@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from phenoscope.ssl.backbone import CellViT
+from phenoscope.nn.backbone import Backbone
 from phenoscope.ssl.heads import DINOHead
 from phenoscope.ssl.losses import (
     Centering,
@@ -23,6 +23,7 @@ from phenoscope.ssl.losses import (
     patchify,
     sinkhorn_knopp,
 )
+from phenoscope.ssl.registry import Method, register
 from phenoscope.train.loop import Progress
 from phenoscope.train.optim import param_groups
 from phenoscope.train.schedules import cosine_schedule, ema_update, linear_warmup
@@ -62,12 +63,12 @@ class DINOConfig:
 class DINO(nn.Module):
     """Student (backbone + heads, trained) and EMA teacher (same architecture, no gradients)."""
 
-    def __init__(self, backbone: CellViT, cfg: DINOConfig) -> None:
+    def __init__(self, backbone: Backbone, cfg: DINOConfig) -> None:
         super().__init__()
         if cfg.centering not in ("softmax", "sinkhorn"):
             raise ValueError(f"centering must be 'softmax' or 'sinkhorn', got {cfg.centering!r}")
         self.cfg = cfg
-        dim = backbone.cfg.embed_dim
+        dim = backbone.embed_dim
 
         def head() -> DINOHead:
             return DINOHead(dim, cfg.n_prototypes, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_layers)
@@ -81,7 +82,7 @@ class DINO(nn.Module):
             p.requires_grad = False
         self.teacher.eval()  # no drop path in the teacher
         # student-only (the teacher never regresses pixels): masked-patch tokens -> patch pixels
-        self.pixel_head = nn.Linear(dim, backbone.cfg.patch_size**2 * backbone.cfg.in_chans) if cfg.pixel_loss_weight > 0 else None
+        self.pixel_head = nn.Linear(dim, backbone.patch_size**2 * backbone.in_chans) if cfg.pixel_loss_weight > 0 else None
         self.cls_center = Centering(cfg.n_prototypes, cfg.center_momentum)
         self.patch_center = Centering(cfg.n_prototypes, cfg.center_momentum)
 
@@ -91,13 +92,13 @@ class DINO(nn.Module):
         return self
 
     @property
-    def backbone(self) -> CellViT:
+    def backbone(self) -> Backbone:
         """The network to embed with after training: the teacher backbone, as in DINO."""
         return self.teacher.backbone
 
     def param_groups(self) -> list[dict]:
         c = self.cfg
-        depth = self.student.backbone.cfg.depth
+        depth = self.student.backbone.depth
         # the teacher's parameters are frozen, so param_groups skips them
         return param_groups(self.named_parameters(), depth, c.layer_decay, c.patch_embed_lr_mult, "student.backbone.")
 
@@ -125,7 +126,7 @@ class DINO(nn.Module):
         s_logits = list(self.student.dino_head(s["cls"]).chunk(N_GLOBAL))
         if local is not None:
             n_local = local.shape[0] // (g.shape[0] // N_GLOBAL)
-            s_logits += list(self.student.dino_head(self.student.backbone(local)).chunk(n_local))
+            s_logits += list(self.student.dino_head(self.student.backbone.forward_tokens(local)["cls"]).chunk(n_local))
         dino = dino_cls_loss(s_logits, list(t_cls.chunk(N_GLOBAL)), c.student_temp)
         koleo = sum(koleo_loss(x) for x in s["cls"].chunk(N_GLOBAL))
         ibot = (
@@ -136,7 +137,7 @@ class DINO(nn.Module):
         loss = c.dino_loss_weight * dino + c.ibot_loss_weight * ibot + c.koleo_loss_weight * koleo
         out = {"dino": dino.detach(), "ibot": ibot.detach(), "koleo": koleo.detach(), "teacher_temp": torch.tensor(temp)}
         if self.pixel_head is not None:
-            target = patchify(g, self.student.backbone.cfg.patch_size)
+            target = patchify(g, self.student.backbone.patch_size)
             pixel = mae_loss(self.pixel_head(s["patches"]), target, masks.float(), norm_pix=False)
             loss = loss + c.pixel_loss_weight * pixel
             out["pixel"] = pixel.detach()
@@ -147,3 +148,6 @@ class DINO(nn.Module):
 
     def on_step_end(self, progress: Progress) -> None:
         ema_update(self.teacher, self.student, self.momentum(progress))
+
+
+METHOD = register(Method("dino", DINOConfig, lambda backbone, cfg, global_size: DINO(backbone, cfg), local_crops=True))

@@ -1,9 +1,12 @@
-"""Pretraining API: one config, one loop, four methods (dino, simclr, mae, mocov3)."""
+"""Pretraining API: one config, one loop, every registered method (:mod:`phenoscope.ssl.registry`:
+dino, simclr, mae, mocov3) on either backbone, the SSL ViT (``backbone = "vit"``) or a Cellpose-SAM
+encoder (``backbone = "seg-<variant>"``, e.g. ``seg-nano``; saved as a ``seg-encoder`` checkpoint that
+``phenoscope train --init-backbone`` starts segmentation training from)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +17,16 @@ from torch import nn
 from phenoscope.config import to_dict
 from phenoscope.core.checkpoint import Preprocessing, provenance
 from phenoscope.core.io import IMAGE_SUFFIXES, atomic_write
+from phenoscope.nn.backbone import Backbone, check_backbone
 from phenoscope.ssl.augment import AugmentConfig
 from phenoscope.ssl.backbone import CellViT, ViTConfig
-from phenoscope.ssl.baselines import MAEConfig, MoCoConfig, SimCLRConfig
 from phenoscope.ssl.checkpoint import load_dinov2_backbone, save_backbone
 from phenoscope.ssl.data import ArraySource, ChannelsAsSamples, FileSource, FOVCrops, MultiCropCollate, MultiCropDataset
-from phenoscope.ssl.dino import DINOConfig
+from phenoscope.ssl.registry import get_method, methods
 from phenoscope.train.loop import TrainConfig, setup_distributed, train
 
-METHODS = ("dino", "simclr", "mae", "mocov3")
+METHODS = tuple(methods())
+SEG_PREFIX = "seg-"
 
 
 @dataclass
@@ -37,20 +41,33 @@ class DataConfig:
 
 
 @dataclass
-class PretrainConfig:
-    """Everything ``phenoscope pretrain`` needs; every section is a dataclass with defaults."""
+class _CommonConfig:
+    """Everything ``phenoscope pretrain`` needs; every section is a dataclass with defaults.
+
+    ``backbone``: ``vit`` (the ``[vit]`` section, or ``init_checkpoint``) or ``seg-<variant>``, the
+    Cellpose-SAM encoder of that variant (``seg-nano`` ... ``seg-large``). Its images are prepared as for
+    segmentation (:class:`SegmentationInputs`) and the views keep that scale (``[augment] normalize`` is
+    replaced by identity ``dataset`` statistics), so the encoder is pretrained on the inputs it segments.
+    Each registered method adds its own section.
+    """
 
     method: str = "dino"
+    backbone: str = "vit"
     bag_of_channels: bool = False  # train a 1-channel ViT on every channel as its own image
     init_checkpoint: str = ""  # dinov2-format checkpoint to start from (channel expansion if needed)
     vit: ViTConfig = field(default_factory=ViTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    dino: DINOConfig = field(default_factory=DINOConfig)
-    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
-    mae: MAEConfig = field(default_factory=MAEConfig)
-    mocov3: MoCoConfig = field(default_factory=MoCoConfig)
+
+
+# one section per registered method, named after it (``[dino]``, ``[mocov3]``, ...)
+PretrainConfig = make_dataclass(
+    "PretrainConfig",
+    [(m.name, m.config, field(default_factory=m.config)) for m in methods().values()],
+    bases=(_CommonConfig,),
+    namespace={"__doc__": _CommonConfig.__doc__, "__module__": __name__},
+)
 
 
 def build_source(paths: list[str | Path], cfg: DataConfig):
@@ -93,42 +110,89 @@ def channel_stats(source, n_max: int = 2000, seed: int = 0) -> dict[str, list[fl
     return {"channel_mean": mean.tolist(), "channel_std": std.tolist()}
 
 
-def build_backbone(cfg: PretrainConfig, in_chans: int) -> CellViT:
-    """Random or checkpoint-initialised backbone with ``in_chans`` input channels."""
-    if cfg.init_checkpoint:
-        return load_dinov2_backbone(cfg.init_checkpoint, in_chans=in_chans, drop_path_rate=cfg.vit.drop_path_rate)
-    return CellViT(ViTConfig(**{**to_dict(cfg.vit), "in_chans": in_chans}))
+class SegmentationInputs:
+    """Images of a source prepared as segmentation prepares them (:func:`phenoscope.segment.preprocess.network_input`):
+    (C, H, W) → (in_chans, H, W) float32, each channel 1–99 % percentile-normalised, a gray image stored as
+    identical planes merged to one if the network does so, zero-padded to ``in_chans``."""
+
+    def __init__(self, source, in_chans: int, merge_identical: bool) -> None:
+        self.source, self.in_chans, self.merge_identical = source, in_chans, merge_identical
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from phenoscope.segment.preprocess import network_input
+
+        x = network_input(np.asarray(self.source[i]), 0, self.in_chans, self.merge_identical)
+        out = np.zeros((self.in_chans, *x.shape[1:]), np.float32)
+        out[: x.shape[0]] = x
+        return out
 
 
-def build_objective(cfg: PretrainConfig, backbone: CellViT) -> nn.Module:
-    """The objective module for ``cfg.method``."""
-    if cfg.method == "dino":
-        from phenoscope.ssl.dino import DINO
+def is_segmentation_backbone(cfg: PretrainConfig) -> bool:
+    """Whether ``cfg.backbone`` names a Cellpose-SAM encoder (``seg-<variant>``)."""
+    return cfg.backbone.startswith(SEG_PREFIX)
 
-        return DINO(backbone, cfg.dino)
-    from phenoscope.ssl.baselines import MAE, MoCo, SimCLR
 
-    if cfg.method == "simclr":
-        return SimCLR(backbone, cfg.simclr)
-    if cfg.method == "mae":
-        return MAE(backbone, cfg.mae, cfg.augment.global_size)
-    if cfg.method == "mocov3":
-        return MoCo(backbone, cfg.mocov3)
-    raise ValueError(f"unknown method {cfg.method!r}; choose from {METHODS}")
+def backbone_names() -> tuple[str, ...]:
+    """Accepted values of ``PretrainConfig.backbone``."""
+    from phenoscope.segment.net import VARIANTS
+
+    return ("vit", *(SEG_PREFIX + name for name in VARIANTS))
+
+
+def build_backbone(cfg: PretrainConfig, in_chans: int) -> Backbone:
+    """Random or checkpoint-initialised backbone for images of ``in_chans`` channels.
+
+    ``vit``: a :class:`CellViT` with ``in_chans`` channels. ``seg-<variant>``: the Cellpose-SAM encoder
+    of that variant with a mask token (its own ``in_chans``; the data are zero-padded to it).
+    """
+    if cfg.backbone == "vit":
+        if cfg.init_checkpoint:
+            return load_dinov2_backbone(cfg.init_checkpoint, in_chans=in_chans, drop_path_rate=cfg.vit.drop_path_rate)
+        return CellViT(ViTConfig(**{**to_dict(cfg.vit), "in_chans": in_chans}))
+    if cfg.backbone not in backbone_names():
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {backbone_names()}")
+    if cfg.init_checkpoint or cfg.bag_of_channels:
+        raise ValueError(f"init_checkpoint and bag_of_channels apply to the vit backbone only, not {cfg.backbone!r}")
+    from phenoscope.segment.net import Encoder, variant
+
+    net_cfg = variant(cfg.backbone.removeprefix(SEG_PREFIX))
+    if in_chans > net_cfg.in_chans:
+        raise ValueError(f"{cfg.backbone} takes at most {net_cfg.in_chans} channels, the data have {in_chans}")
+    return Encoder(net_cfg, mask_token=True)
+
+
+def build_objective(cfg: PretrainConfig, backbone: Backbone) -> nn.Module:
+    """The objective module of ``cfg.method`` (its section of ``cfg`` holds the options)."""
+    method = get_method(cfg.method)
+    return method.build(check_backbone(backbone), getattr(cfg, method.name), cfg.augment.global_size)
+
+
+def save_pretrained(backbone: Backbone, path: Path, preprocessing: Preprocessing, record: dict[str, Any]) -> Path:
+    """Write the trained backbone: kind ``vit`` for a :class:`CellViT`, ``seg-encoder`` for a Cellpose-SAM encoder."""
+    if isinstance(backbone, CellViT):
+        return save_backbone(backbone, path, preprocessing, record)
+    from phenoscope.segment.checkpoint import save_encoder
+
+    return save_encoder(backbone, path, preprocessing, record)
 
 
 def input_preprocessing(cfg: PretrainConfig) -> Preprocessing:
     """What the backbone's training inputs went through, for its checkpoint: normalisation (and its
-    statistics), bag-of-channels, and the global-view size in pixels."""
+    statistics; ``percentile`` for a segmentation encoder), bag-of-channels, and the global-view size in pixels."""
     aug = cfg.augment
+    if is_segmentation_backbone(cfg):
+        return Preprocessing(normalize="percentile", input_size=aug.global_size)
     return Preprocessing(normalize=aug.normalize, channel_mean=aug.channel_mean, channel_std=aug.channel_std,
                          bag_of_channels=cfg.bag_of_channels, input_size=aug.global_size)
 
 
 def pretrain(cfg: PretrainConfig, data: list[str | Path], out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Pretrain a backbone; writes checkpoints, logs, ``config.json`` and ``backbone.safetensors``."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown method {cfg.method!r}; choose from {METHODS}")
+    """Pretrain a backbone; writes checkpoints, logs, ``config.json`` and ``backbone.safetensors``
+    (kind ``vit`` or ``seg-encoder``)."""
+    method = get_method(cfg.method)
     out_dir = Path(out_dir)
     setup_distributed()  # no-op unless launched by torchrun
     source = build_source(data, cfg.data)
@@ -138,8 +202,12 @@ def pretrain(cfg: PretrainConfig, data: list[str | Path], out_dir: str | Path, r
     backbone = build_backbone(cfg, 1 if cfg.bag_of_channels else n_chans)
     objective = build_objective(cfg, backbone)
     augment = cfg.augment
-    if cfg.method != "dino" and augment.n_local:
-        augment = replace(augment, n_local=0)  # baselines use the two global views only
+    if is_segmentation_backbone(cfg):
+        source = SegmentationInputs(source, backbone.in_chans, backbone.cfg.merge_identical_channels)
+        augment = replace(augment, normalize="dataset", channel_mean=[0.0] * backbone.in_chans,
+                          channel_std=[1.0] * backbone.in_chans)
+    if not method.local_crops and augment.n_local:
+        augment = replace(augment, n_local=0)  # the method uses the two global views only
     if augment.normalize == "dataset" and augment.channel_mean is None:
         augment = replace(augment, **channel_stats(source))
     cfg = replace(cfg, augment=augment)
@@ -149,8 +217,8 @@ def pretrain(cfg: PretrainConfig, data: list[str | Path], out_dir: str | Path, r
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_write(out_dir / "config.json", "w") as fh:
             json.dump(to_dict(cfg), fh, indent=2)
-    summary = train(objective, dataset, cfg.train, out_dir, resume, MultiCropCollate(augment, backbone.cfg.patch_size))
+    summary = train(objective, dataset, cfg.train, out_dir, resume, MultiCropCollate(augment, backbone.patch_size))
     if main_process:
-        save_backbone(objective.backbone, out_dir / "backbone.safetensors", input_preprocessing(cfg),
-                      provenance(config=to_dict(cfg), data=[str(d) for d in data]))
+        save_pretrained(objective.backbone, out_dir / "backbone.safetensors", input_preprocessing(cfg),
+                        provenance(config=to_dict(cfg), data=[str(d) for d in data]))
     return summary

@@ -51,6 +51,7 @@ class SegTrainConfig:
     """Everything ``phenoscope train`` needs."""
 
     model: str = "tiny"  # variant name (nano, tiny, small, large) or a weights file to fine-tune
+    init_backbone: str = ""  # seg-encoder checkpoint (phenoscope pretrain --backbone seg-<variant>) for the encoder
     layer_drop: float = 0.0  # max per-block drop probability (cellpose-SAM trains cpsam with 0.4)
     min_images_per_epoch: int = 8  # small sets are repeated up to this many samples per epoch
     val_fraction: float = 0.1  # used when no val_ids file is given
@@ -62,15 +63,17 @@ class SegTrainConfig:
     train: SegLoopConfig = field(default_factory=SegLoopConfig)
 
 
-def initial_network(model: str) -> CellposeSAMNet:
-    """A random network of a named variant, or one loaded from a weights file (to fine-tune)."""
+def initial_network(model: str, init_backbone: str = "") -> CellposeSAMNet:
+    """A random network of a named variant, or one loaded from a weights file (to fine-tune); with
+    ``init_backbone``, its encoder is then replaced, strictly, by a pretrained ``seg-encoder`` checkpoint
+    whose config must match the network's (``ValueError`` naming the file otherwise)."""
+    from phenoscope.segment.checkpoint import load_encoder_into, load_network
     from phenoscope.segment.net import VARIANTS
 
-    if model in VARIANTS:
-        return build_net(model)
-    from phenoscope.segment.checkpoint import load_network
-
-    return load_network(model)
+    net = build_net(model) if model in VARIANTS else load_network(model)
+    if init_backbone:
+        load_encoder_into(net, init_backbone)
+    return net
 
 
 def train_segmentation(
@@ -86,7 +89,7 @@ def train_segmentation(
     out_dir = Path(out_dir)
     rank, _, _ = setup_distributed()
     torch.manual_seed(cfg.train.seed)
-    net = initial_network(cfg.model)
+    net = initial_network(cfg.model, cfg.init_backbone)
     train_pairs, val_pairs = split_pairs(find_pairs(images, labels), cfg.val_ids, cfg.val_fraction, cfg.train.seed)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "flow_cache"
     samples = load_samples(train_pairs, cache, net.cfg, progress=rank == 0)
