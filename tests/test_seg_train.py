@@ -278,7 +278,7 @@ def test_finetune_from_a_cellpose_checkpoint_with_the_paper_recipe(tmp_path):
     state["diam_mean"], state["diam_labels"] = torch.tensor([30.0]), torch.tensor([30.0])
     torch.save(state, tmp_path / "cpsam_tiny.pt")
     data = _write_pairs(tmp_path / "data", 3)
-    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "finetune_cpsam.toml")
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "segment", "finetune_cpsam.toml")
     out = tmp_path / "ft"
     assert main(["train", "--images", str(data / "images"), "--labels", str(data / "labels"), "--out", str(out),
                  "--model", str(tmp_path / "cpsam_tiny.pt"), "--config", recipe, "--epochs", "2"]) == 0

@@ -28,9 +28,9 @@ from phenoscope.segment.preprocess import network_input, resize_chw
 class SegmentResult:
     """Output of :meth:`CellposeSAM.segment` for an (H, W) image."""
 
-    masks: np.ndarray  # (H, W) int32 labels, 0 = background
-    flows: np.ndarray  # (2, H, W) float32 (dY, dX) at the network's scale (≈ 5 × unit flows)
-    cellprob: np.ndarray  # (H, W) float32 cell-probability logits
+    masks: np.ndarray  # (H, W) (or (Z, Y, X) in 3D) labels, 0 = background
+    flows: np.ndarray  # (2, H, W) float32 (dY, dX) (3D: (3, Z, Y, X), dZ first) at the network's scale (≈ 5 × unit flows)
+    cellprob: np.ndarray  # (H, W) (3D: (Z, Y, X)) float32 cell-probability logits
     diameter: float | None = None  # px: the cell diameter the image was resized for (given or estimated)
 
 
@@ -105,6 +105,59 @@ class CellposeSAM:
         del x
         y = resize_chw(y, h, w)
         return y[:2], y[2]
+
+    def predict_3d(
+        self,
+        volume: np.ndarray,
+        z_axis: int = 0,
+        channel_axis: int | None = None,
+        diameter: float | None = None,
+        anisotropy: float | None = None,
+        tile_overlap: float = 0.1,
+        batch_size: int = 8,
+        tta: bool = False,
+        smooth: float | tuple[float, float, float] = 0.0,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Flows (3, Z, Y, X) = (dZ, dY, dX) and cellprob (Z, Y, X) of a volume, from the 2D network run on
+        its YX, ZY and ZX planes (:mod:`phenoscope.segment.volume`; cellpose's ``do_3D``).
+
+        ``anisotropy``: Z spacing / XY spacing (2 when Z is sampled half as densely); the volume is resized
+        along Z by it (and in all axes for ``diameter``) before the network, and the outputs back.
+        ``smooth``: Gaussian sigma(s) in px for the flows (cellpose's ``flow3D_smooth``)."""
+        from phenoscope.segment.volume import resize_volume, run_3d, smooth_flows, volume_input
+
+        x = volume_input(volume, z_axis, channel_axis, self.cfg.in_chans, self.cfg.merge_identical_channels)
+        shape = x.shape[1:]
+        rescale, aniso = self.rescale(diameter), anisotropy or 1.0
+        if aniso <= 0:
+            raise ValueError(f"anisotropy must be > 0, got {anisotropy}")
+        if rescale != 1.0 or aniso != 1.0:
+            x = resize_volume(x, int(shape[0] * aniso * rescale), int(shape[1] * rescale), int(shape[2] * rescale))
+        y = run_3d(lambda plane: self.run_tiled(plane, tile_overlap, batch_size, tta), x)
+        del x
+        if y.shape[1:] != shape:
+            y = resize_volume(y, *shape)
+        return smooth_flows(y[:3], smooth), y[3]
+
+    def segment_3d(
+        self,
+        volume: np.ndarray,
+        z_axis: int = 0,
+        channel_axis: int | None = None,
+        diameter: float | None = None,
+        anisotropy: float | None = None,
+        options: MaskOptions | None = None,
+        tile_overlap: float = 0.1,
+        batch_size: int = 8,
+        tta: bool = False,
+        smooth: float | tuple[float, float, float] = 0.0,
+    ) -> SegmentResult:
+        """3D masks (Z, Y, X) of a volume (see :meth:`predict_3d`); 3D flow dynamics, as cellpose's
+        ``do_3D`` (the flow-error QC is 2D only, so ``options.flow_threshold`` has no effect)."""
+        flows, cellprob = self.predict_3d(volume, z_axis, channel_axis, diameter, anisotropy, tile_overlap, batch_size,
+                                          tta, smooth)
+        return SegmentResult(masks=self.masks(flows, cellprob, diameter, options), flows=flows, cellprob=cellprob,
+                             diameter=diameter)
 
     def rescale(self, diameter: float | None) -> float:
         """Resize factor bringing cells of ``diameter`` px to the network's 30 px (1.0 if not given)."""

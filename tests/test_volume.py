@@ -1,0 +1,91 @@
+"""3D segmentation from 2D planes vs cellpose 4.2.1.1 ``eval(do_3D=True)`` (same random cpsam weights, cut to
+1 block: the same code path, fast enough for the default suite), cellpose's ``stitch3D``, and the volume helpers. Volumes are stacked from real
+DSB label images (each plane a real image, the same nuclei slightly shifted from plane to plane)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_inference import dsb_canvas
+from test_network import random_cpsam, truncated_state
+
+from phenoscope.datasets import dsb_index, dsb_labels
+from phenoscope.segment.checkpoint import import_cellpose_state
+from phenoscope.segment.inference import CellposeSAM
+from phenoscope.segment.options import MaskOptions
+from phenoscope.segment.volume import resize_volume, stitch_planes, volume_input
+
+TOL = 1e-3  # as the 2D comparison: fp32 tiled network outputs, summed over three orientations
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    cellpose = pytest.importorskip("phenoscope.testing").import_cellpose()
+    ref = random_cpsam()
+    path = tmp_path_factory.mktemp("cpsam") / "cpsam_random.pt"
+    torch.save(ref.state_dict(), path)
+    del ref
+    theirs = cellpose.models.CellposeModel(pretrained_model=str(path), use_bfloat16=False)
+    theirs.net.encoder.blocks = theirs.net.encoder.blocks[:1]
+    ours = CellposeSAM(import_cellpose_state(truncated_state(torch.load(path, weights_only=True), 1)), "cpu")
+    return theirs, ours
+
+
+@pytest.fixture(scope="module")
+def outputs(pair, dsb_dir):
+    """cellpose's and our (dP, cellprob) of one small real volume."""
+    theirs, ours = pair
+    vol = _volume(dsb_dir)
+    _, flows, _ = theirs.eval(vol, do_3D=True, z_axis=0, channel_axis=3, compute_masks=False)
+    return (flows[1], flows[2]), ours.predict_3d(vol, z_axis=0, channel_axis=3), vol.shape
+
+
+def _volume(dsb_dir, depth=4, size=(24, 20)):
+    """(Z, Y, X, 3) uint8: a real DSB image shifted by one pixel per plane."""
+    img = dsb_canvas(dsb_dir, (size[0] + depth, size[1] + depth))
+    return np.stack([img[z : z + size[0], z : z + size[1]] for z in range(depth)])
+
+
+def test_3d_flows_match_cellpose_do_3d(outputs):
+    (ref_dP, ref_prob), (dP, prob), shape = outputs
+    assert dP.shape == ref_dP.shape == (3, *shape[:3]) and prob.shape == ref_prob.shape
+    d_flow, d_prob = np.abs(dP - ref_dP).max(), np.abs(prob - ref_prob).max()
+    print(f"3D: max |Δflow| {d_flow:.2e}, max |Δcellprob| {d_prob:.2e}")
+    assert d_flow <= TOL and d_prob <= TOL
+
+
+def test_3d_masks_from_the_same_outputs_match_cellpose(pair, outputs):
+    """Given the same network outputs, 3D dynamics give cellpose's masks (up to label numbering)."""
+    cellpose = pytest.importorskip("phenoscope.testing").import_cellpose()
+    _, ours = pair
+    dP, prob = outputs[1]
+    prob = prob + 2.0  # a random network is unsure everywhere; make some foreground
+    ref = cellpose.dynamics.compute_masks(dP, prob, niter=200, cellprob_threshold=0.0, flow_threshold=0.0, do_3D=True,
+                                          min_size=5)
+    got = ours.masks(dP, prob, options=MaskOptions(min_size=5))
+    assert ref.max() > 0
+    pairs = {(a, b) for a, b in zip(ref.ravel(), got.ravel())}
+    assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})  # a bijection of labels
+
+
+def test_stitch_planes_equals_cellpose_stitch3d(dsb_dir):
+    cellpose = pytest.importorskip("phenoscope.testing").import_cellpose()
+    ids = dsb_index(dsb_dir).image_id[:3]
+    lab = np.stack([dsb_labels(dsb_dir, i)[:96, :96] for i in ids]).astype(np.int64)
+    planes = np.stack([lab[0], np.roll(lab[0], 2, axis=1), np.zeros_like(lab[0]), lab[1], np.roll(lab[1], 3, axis=0), lab[2]])
+    for threshold in (0.25, 0.6):
+        ref = cellpose.utils.stitch3D(planes.astype(np.uint32).copy(), stitch_threshold=threshold)
+        np.testing.assert_array_equal(stitch_planes(planes, threshold), ref)
+
+
+def test_volume_axes_resize_and_errors():
+    vol = np.random.default_rng(0).random((2, 5, 16, 20)).astype(np.float32)  # (C, Z, Y, X)
+    x = volume_input(vol, z_axis=1, channel_axis=0)
+    assert x.shape == (2, 5, 16, 20) and x.dtype == np.float32
+    assert volume_input(vol[0], z_axis=0).shape == (1, 5, 16, 20)
+    assert resize_volume(x, 10, 8, 10).shape == (2, 10, 8, 10)
+    with pytest.raises(ValueError, match="z_axis=4 is out of range"):
+        volume_input(vol, z_axis=4)
+    with pytest.raises(ValueError, match="ZYX or 4D"):
+        volume_input(vol[0, 0])
