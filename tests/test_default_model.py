@@ -14,7 +14,7 @@ from phenoscope.cli import main
 from phenoscope.datasets import dsb_image, dsb_labels
 from phenoscope.eval.segmentation import average_precision, error_rate
 from phenoscope.segment import load_model, segment_classic
-from phenoscope.segment.inference import DEFAULT_MODEL
+from phenoscope.segment.checkpoint import DEFAULT_MODEL
 
 VAL_IDS = DEFAULT_MODEL.parent / "dsb2018_val_ids.txt"
 

@@ -22,6 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--center-crop", type=int, default=None, help="field-of-view mode: centre crop size in px")
     p.add_argument("--n-last-blocks", type=int, default=None, help="class tokens of the last n blocks (default 1)")
     p.add_argument("--layout", default=None, choices=("auto", "CYX", "YXC"), help="image axes (default: auto)")
+    p.add_argument("--channels", type=_channel_list, default=None, metavar="0,1,2",
+                   help="input channels to use, in order; repeat one to replicate a gray image (0,0,0). "
+                        "Default: all (a constant alpha channel is dropped)")
     p.add_argument("--metadata", type=Path, default=None, help="CSV joined on its 'image' or 'Metadata_Image' column (file stems)")
     p.add_argument("--format", dest="output_format", default=None, choices=("h5ad", "zarr"), help="AnnData format (default h5ad)")
     p.add_argument("--batch-size", type=int, default=None)
@@ -31,6 +34,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.set_defaults(func=run)
+
+
+def _channel_list(text: str) -> list[int]:
+    """``--channels``: comma-separated channel indices."""
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated channel indices such as 0,1,2, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     crop = args.crop_size if args.crop_size is not None else (64 if args.masks else None)
     cfg = load_config(EmbedConfig, args.config, crop_size=crop, mask_background=args.mask_background or None,
                       center_crop=args.center_crop, n_last_blocks=args.n_last_blocks, layout=args.layout,
-                      output_format=args.output_format, batch_size=args.batch_size, num_workers=args.num_workers)
+                      output_format=args.output_format, batch_size=args.batch_size, num_workers=args.num_workers,
+                      channels=args.channels)
     if cfg.crop_size and args.masks is None:
         print("error: --crop-size (single-cell mode) needs --masks", file=sys.stderr)
         return 2

@@ -220,10 +220,9 @@ def export_bioimageio(
     from bioimageio.spec import save_bioimageio_package
 
     from phenoscope.core.io import atomic_path
-    from phenoscope.segment.checkpoint import load_network
-    from phenoscope.segment.inference import DEFAULT_MODEL
+    from phenoscope.segment.checkpoint import load_network, model_path
 
-    path = DEFAULT_MODEL if str(model) == "default" else Path(model)
+    path = model_path(model)
     net = load_network(path).cpu().eval()
     card_path = path.with_suffix(".md")
     card = card_path.read_text() if card_path.is_file() else None

@@ -22,6 +22,7 @@ from phenoscope.core.state import load_state_strict
 from phenoscope.segment.net import CellposeSAMNet, Encoder, NetConfig
 
 KIND = "cellpose-sam"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default.safetensors"  # see models/default.md
 ENCODER_KIND = "seg-encoder"
 # NetConfig fields that shape the encoder's weights (nout, diam_mean and the channel rule do not)
 _ENCODER_FIELDS = ("depth", "dim", "heads", "mlp_ratio", "patch", "tile", "in_chans", "neck_dim", "rel_pos_rows")
@@ -109,9 +110,14 @@ def load_saved_model(path: str | Path) -> CellposeSAMNet:
     return net
 
 
+def model_path(model: str | Path) -> Path:
+    """The weights file of ``model``: ``"default"`` is the shipped model, anything else a path."""
+    return DEFAULT_MODEL if str(model) == "default" else Path(model)
+
+
 def load_network(path: str | Path) -> CellposeSAMNet:
-    """Load a network from our ``.safetensors`` format or from a cellpose cpsam checkpoint."""
-    path = Path(path)
+    """Load a network from our ``.safetensors`` format or a cellpose cpsam checkpoint (``"default"``: the shipped one)."""
+    path = model_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     return load_saved_model(path) if path.suffix == ".safetensors" else load_cellpose_checkpoint(path)

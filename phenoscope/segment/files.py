@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -23,8 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from phenoscope.batch import (BatchReport, InputError, Item, check_writable, collect_inputs, make_executor, plan,
-                              run_batch)
+from phenoscope.batch import (
+    BatchReport,
+    InputError,
+    Item,
+    check_writable,
+    collect_inputs,
+    make_executor,
+    plan,
+    run_batch,
+)
 from phenoscope.core.io import atomic_write, imread
 from phenoscope.segment.options import MaskOptions
 
@@ -73,12 +82,13 @@ class ImageSummary:
 
     cells: int
     diameter: float | None
+    warnings: tuple[str, ...] = ()  # what the segmentation warned about (e.g. dropped channels)
 
     def describe(self, path: Path) -> str:
-        """``<file>: <n> cells, diameter <d> px`` (with a warning when no cell was found)."""
+        """``<file>: <n> cells, diameter <d> px`` (with a warning when no cell was found, or the image raised one)."""
         size = f"diameter {self.diameter:.1f} px" if self.diameter is not None else "native scale (not resized)"
-        warn = " — warning: no cells found (check --diameter, --channel-axis and the model)" if not self.cells else ""
-        return f"{path}: {self.cells} cells, {size}{warn}"
+        notes = [*self.warnings, *(() if self.cells else ("no cells found (check --diameter, --channel-axis and the model)",))]
+        return f"{path}: {self.cells} cells, {size}" + "".join(f" — warning: {n}" for n in notes)
 
 
 def parse_diameter(text: str) -> float | str:
@@ -95,9 +105,9 @@ def parse_diameter(text: str) -> float | str:
 
 
 def _weights_file(model: str | Path) -> Path:
-    from phenoscope.segment.inference import DEFAULT_MODEL
+    from phenoscope.segment.checkpoint import model_path
 
-    path = DEFAULT_MODEL if str(model) == "default" else Path(model)
+    path = model_path(model)
     if not path.is_file():
         raise FileNotFoundError(f"model {model}: no such file")
     return path
@@ -158,13 +168,6 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
         json.dump(manifest, fh, indent=2)
 
 
-def _check_device(device: str | None) -> None:
-    import torch
-
-    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA GPU is available to torch")
-
-
 def load_segmenter(model: str | Path, params: SegmentParams = SegmentParams(), device: str | None = None) -> Segmenter:
     """``classic`` (Otsu + watershed), ``default`` or a weights file → a callable ``image → (masks, flows,
     cellprob, diameter)`` (flows, cellprob and diameter are None for ``classic``)."""
@@ -172,7 +175,9 @@ def load_segmenter(model: str | Path, params: SegmentParams = SegmentParams(), d
         return _Classic(params.channel_axis, params.options.min_size)
     from phenoscope.segment.inference import load_model
 
-    _check_device(device)
+    from phenoscope.core.device import resolve_device
+
+    resolve_device(device)
     weights = _weights_file(model)
     try:
         return _Network(load_model(weights, device=device), params)
@@ -222,7 +227,9 @@ def segment_file(path: str | Path, out_dir: str | Path, segmenter: Segmenter, ch
     _suffixes(save)
     image = imread(path)
     yxc = to_yxc(image, channel_axis, max_channels=image.size)  # validates axes; keeps all channels
-    masks, flows, cellprob, diameter = segmenter(image)  # raises on NaN/inf (normalisation)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        masks, flows, cellprob, diameter = segmenter(image)  # raises on NaN/inf (normalisation)
     stem = path.stem
     outputs.write_masks(out_dir / f"{stem}_masks.tif", masks)
     if cp_names is not None:
@@ -242,7 +249,8 @@ def segment_file(path: str | Path, out_dir: str | Path, segmenter: Segmenter, ch
         outputs.write_overlay_png(out_dir / f"{stem}_outlines.png", yxc, masks)
     if "rois" in save:
         outputs.write_imagej_rois(out_dir / f"{stem}_rois.zip", masks)
-    return ImageSummary(int(masks.max(initial=0)), None if diameter is None else float(diameter))
+    notes = tuple(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
+    return ImageSummary(int(masks.max(initial=0)), None if diameter is None else float(diameter), notes)
 
 
 @dataclass

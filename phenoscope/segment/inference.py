@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from phenoscope.core.device import resolve_device
 from phenoscope.core.tiling import TileGrid, blend_tile, flip_tile, read_tile, taper_mask, tile_grid, unflip_output
 from phenoscope.segment.flows import diameter as median_diameter
 from phenoscope.segment.net import CellposeSAMNet
@@ -44,7 +45,7 @@ class CellposeSAM:
     """A Cellpose-SAM network ready to segment images of any size."""
 
     def __init__(self, net: CellposeSAMNet, device: str | torch.device | None = None) -> None:
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.cfg = net.cfg
 
@@ -207,7 +208,6 @@ class CellposeSAM:
         return compute_masks(flows, cellprob, niter=niter, **(options or MaskOptions()).kwargs())
 
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "default.safetensors"
 
 
 def load_model(name_or_path: str | Path = "default", device: str | torch.device | None = None) -> CellposeSAM:
@@ -215,5 +215,4 @@ def load_model(name_or_path: str | Path = "default", device: str | torch.device 
     cpsam file — or ``"default"``: the model shipped with phenoscope (see ``phenoscope/models/default.md``)."""
     from phenoscope.segment.checkpoint import load_network
 
-    path = DEFAULT_MODEL if str(name_or_path) == "default" else name_or_path
-    return CellposeSAM(load_network(path), device)
+    return CellposeSAM(load_network(name_or_path), device)

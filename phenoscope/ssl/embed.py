@@ -36,6 +36,7 @@ from phenoscope.batch import Item, make_executor, run_batch
 from phenoscope.config import to_dict
 from phenoscope.core.io import atomic_path, atomic_write, imread
 from phenoscope.core.checkpoint import Preprocessing
+from phenoscope.core.device import resolve_device
 from phenoscope.ssl.augment import normalize_input
 from phenoscope.ssl.backbone import BagOfChannels, CellViT
 from phenoscope.ssl.data import cell_crops, to_cyx
@@ -216,7 +217,7 @@ def embed_images(
         raise ValueError("the metadata table needs a Metadata_Image column (image file stems)")
     model_path, out_dir = Path(model_path), Path(out_dir)
     masks = masks if masks is not None else [None] * len(images)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     model, prep = load_embedder(model_path)
     model = model.to(dev).eval()
     parts = out_dir / "parts"

@@ -8,7 +8,9 @@ from phenoscope.segment.training.data import (
     find_pairs,
     load_samples,
     load_training_image,
+    read_pairs,
     split_pairs,
+    to_samples,
 )
 from phenoscope.segment.training.objective import CellposeLoss, cellpose_loss, validate
 from phenoscope.segment.training.run import SegLoopConfig, SegTrainConfig, initial_network, train_segmentation
@@ -26,7 +28,9 @@ __all__ = [
     "initial_network",
     "load_samples",
     "load_training_image",
+    "read_pairs",
     "split_pairs",
+    "to_samples",
     "train_segmentation",
     "validate",
 ]

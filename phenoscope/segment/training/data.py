@@ -75,28 +75,40 @@ def cached_flows(labels: np.ndarray, cache_dir: Path | None) -> np.ndarray:
     return flows
 
 
-def load_samples(
-    pairs: list[tuple[Path, Path]], cache_dir: Path | None, net_cfg: NetConfig, progress: bool = True
-) -> list[Sample]:
-    """Load every pair (image, labels); bad files are collected and reported together."""
-    from tqdm.auto import tqdm
-
+def read_pairs(pairs: list[tuple[Path, Path]], net_cfg: NetConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(network-ready image (C, H, W), int32 labels (H, W)) of every pair; the bad files are collected and
+    reported together in one ``ValueError`` line, before anything is computed or written."""
     from phenoscope.segment.flows import check_labels
 
-    samples, errors = [], []
-    for img_path, lab_path in tqdm(pairs, desc="load + flows", unit="image", disable=not progress, leave=False):
+    read, errors = [], []
+    for img_path, lab_path in pairs:
         try:
             image = load_training_image(img_path, net_cfg.in_chans, net_cfg.merge_identical_channels)
             labels = imread(lab_path)
             if labels.ndim != 2 or labels.shape != image.shape[1:]:
                 raise ValueError(f"label image {lab_path.name} has shape {labels.shape}, image is {image.shape[1:]}")
-            labels = check_labels(labels, f"label image {lab_path.name}").astype(np.int32)
-            samples.append(Sample(image, cached_flows(labels, cache_dir), labels, diameter(labels)))
+            read.append((image, check_labels(labels, f"label image {lab_path.name}").astype(np.int32)))
         except (ValueError, OSError) as err:
             errors.append(f"{img_path.name}: {err}")
     if errors:
-        raise ValueError(f"{len(errors)} training pair(s) could not be used:\n  " + "\n  ".join(errors))
-    return samples
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise ValueError(f"{len(errors)} training pair(s) could not be used: " + "; ".join(errors[:3]) + more)
+    return read
+
+
+def to_samples(read: list[tuple[np.ndarray, np.ndarray]], cache_dir: Path | None, progress: bool = True) -> list[Sample]:
+    """Samples of read pairs: unit flows computed once (cached in ``cache_dir``) and each label image's diameter."""
+    from tqdm.auto import tqdm
+
+    return [Sample(image, cached_flows(labels, cache_dir), labels, diameter(labels))
+            for image, labels in tqdm(read, desc="flows", unit="image", disable=not progress, leave=False)]
+
+
+def load_samples(
+    pairs: list[tuple[Path, Path]], cache_dir: Path | None, net_cfg: NetConfig, progress: bool = True
+) -> list[Sample]:
+    """:func:`read_pairs` then :func:`to_samples`."""
+    return to_samples(read_pairs(pairs, net_cfg), cache_dir, progress)
 
 
 def split_pairs(pairs: list[tuple[Path, Path]], val_ids: str = "", val_fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:

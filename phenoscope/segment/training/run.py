@@ -25,7 +25,7 @@ from phenoscope.config import to_dict
 from phenoscope.core.io import atomic_write
 from phenoscope.segment.net import CellposeSAMNet, build_net
 from phenoscope.segment.training.augment import SegAugmentConfig
-from phenoscope.segment.training.data import SegmentationDataset, find_pairs, load_samples, split_pairs
+from phenoscope.segment.training.data import SegmentationDataset, find_pairs, read_pairs, split_pairs, to_samples
 from phenoscope.segment.training.objective import CellposeLoss
 from phenoscope.train.loop import TrainConfig
 
@@ -92,8 +92,9 @@ def train_segmentation(
     net = initial_network(cfg.model, cfg.init_backbone)
     train_pairs, val_pairs = split_pairs(find_pairs(images, labels), cfg.val_ids, cfg.val_fraction, cfg.train.seed)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "flow_cache"
-    samples = load_samples(train_pairs, cache, net.cfg, progress=rank == 0)
-    val = load_samples(val_pairs, cache, net.cfg, progress=False)
+    train_read, val_read = read_pairs(train_pairs, net.cfg), read_pairs(val_pairs, net.cfg)  # all checked before any write
+    samples = to_samples(train_read, cache, progress=rank == 0)
+    val = to_samples(val_read, cache, progress=False)
     if cfg.val_max_images:
         val = val[: cfg.val_max_images]
     if rank == 0:
