@@ -13,33 +13,20 @@ Times: median of ``--repeats`` runs after one warm-up, 1 BLAS thread.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from bench_profiling import timed  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from phenoscope.datasets import data_root
-from phenoscope.profiling import feature_select, normalize, replicate_map
 from phenoscope.datasets.bbbc021 import load_bbbc021
+from phenoscope.profiling import feature_select, normalize, replicate_map
 from phenoscope.profiling.metrics import REFERENCE, with_reference_index
 
 DEFAULT_DATA = data_root() / "bbbc021_profiles"
 CONTROLS = "Metadata_Compound == 'DMSO'"
-
-
-def timed(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> tuple[object, float]:
-    """(result, median seconds of ``repeats`` calls, after one warm-up call if ``warm_up``)."""
-    result = fn() if warm_up else None
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return result, statistics.median(times)
 
 
 def copairs_replicate_map(wells: pd.DataFrame, null_size: int, cache_dir: Path) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import pandas as pd
 
 from phenoscope.config import load_config
 from phenoscope.datasets import data_root
+from phenoscope.datasets.bbbc021 import TREATMENT, load_bbbc021
 from phenoscope.profiling import (
     aggregate,
     feature_select,
@@ -32,7 +34,6 @@ from phenoscope.profiling import (
     nsc_accuracy,
     replicate_map,
 )
-from phenoscope.datasets.bbbc021 import TREATMENT, load_bbbc021
 from phenoscope.profiling.pipeline import (
     ProfileConfig,
     build_profiles,
@@ -66,9 +67,9 @@ ABLATION = {
 SPHERING = {"none": {"sphere_method": ""}, "Ledoit-Wolf": LW, "default (auto)": {}}
 
 
-def timed(fn, repeats: int) -> tuple[object, float]:
-    """(result, median seconds of ``repeats`` calls after one warm-up call)."""
-    result = fn()
+def timed(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> tuple[object, float]:
+    """(result, median seconds of ``repeats`` calls, after one warm-up call if ``warm_up``)."""
+    result = fn() if warm_up else None
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -28,19 +28,23 @@ def dsb_canvas(root, shape: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(np.tile(img, reps)[: shape[0], : shape[1]])
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """(cellpose CellposeModel, our CellposeSAM) sharing random weights, cut to 2 blocks."""
+def cellpose_pair(folder, blocks: int):
+    """(cellpose CellposeModel, our CellposeSAM) sharing random cpsam weights, cut to ``blocks`` blocks."""
     cellpose = pytest.importorskip("phenoscope.testing").import_cellpose()
     ref = random_cpsam()
-    path = tmp_path_factory.mktemp("cpsam") / "cpsam_random.pt"
+    path = folder / "cpsam_random.pt"
     torch.save(ref.state_dict(), path)
     del ref
     theirs = cellpose.models.CellposeModel(pretrained_model=str(path), use_bfloat16=False)
-    theirs.net.encoder.blocks = theirs.net.encoder.blocks[:2]
+    theirs.net.encoder.blocks = theirs.net.encoder.blocks[:blocks]
     state = torch.load(path, weights_only=True)
-    ours = CellposeSAM(import_cellpose_state(truncated_state(state, 2)), "cpu")
+    ours = CellposeSAM(import_cellpose_state(truncated_state(state, blocks)), "cpu")
     return theirs, ours
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return cellpose_pair(tmp_path_factory.mktemp("cpsam"), 2)
 
 
 def compare(theirs, ours, image, **kw):

@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from test_inference import dsb_canvas
-from test_network import random_cpsam, truncated_state
+from test_inference import cellpose_pair, dsb_canvas
 
 from phenoscope.datasets import dsb_index, dsb_labels
-from phenoscope.segment.checkpoint import import_cellpose_state
-from phenoscope.segment.inference import CellposeSAM
 from phenoscope.segment.options import MaskOptions
 from phenoscope.segment.volume import resize_volume, stitch_planes, volume_input
 
@@ -21,15 +17,7 @@ TOL = 1e-3  # as the 2D comparison: fp32 tiled network outputs, summed over thre
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    cellpose = pytest.importorskip("phenoscope.testing").import_cellpose()
-    ref = random_cpsam()
-    path = tmp_path_factory.mktemp("cpsam") / "cpsam_random.pt"
-    torch.save(ref.state_dict(), path)
-    del ref
-    theirs = cellpose.models.CellposeModel(pretrained_model=str(path), use_bfloat16=False)
-    theirs.net.encoder.blocks = theirs.net.encoder.blocks[:1]
-    ours = CellposeSAM(import_cellpose_state(truncated_state(torch.load(path, weights_only=True), 1)), "cpu")
-    return theirs, ours
+    return cellpose_pair(tmp_path_factory.mktemp("cpsam"), 1)
 
 
 @pytest.fixture(scope="module")
