@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_parser(sub)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+        if not any(a.dest == "threads" for a in p._actions):
+            p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     return parser
 
 
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns its exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
     try:
+        if args.threads:
+            from phenoscope.cli.common import apply_threads
+
+            apply_threads(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: jobs have saved what they can resume from
         if not hasattr(stop, "exit_code"):  # a batch has printed its summary and the signal already

@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from phenoscope.cli.common import apply_threads
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
     from phenoscope.segment.files import OUTPUTS
     from phenoscope.ssl.embed import EmbedConfig, embed_images
 
-    apply_threads(args)
     crop = args.crop_size if args.crop_size is not None else (64 if args.masks else None)
     cfg = load_config(EmbedConfig, args.config, crop_size=crop, mask_background=args.mask_background or None,
                       center_crop=args.center_crop, n_last_blocks=args.n_last_blocks, layout=args.layout,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from phenoscope.cli.common import LazyChoices, add_run_options, apply_threads
+from phenoscope.cli.common import LazyChoices, add_run_options
 
 
 def add_parser(subparsers) -> None:
@@ -26,7 +26,6 @@ def run(args: argparse.Namespace) -> int:
     from phenoscope.config import load_config
     from phenoscope.ssl.pretrain import PretrainConfig, pretrain
 
-    apply_threads(args)
     cfg = load_config(PretrainConfig, args.config, method=args.method, backbone=args.backbone)
     summary = pretrain(cfg, args.data, args.out, resume=args.resume)
     print(json.dumps(summary))

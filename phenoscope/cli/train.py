@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from phenoscope.cli.common import add_run_options, apply_threads
+from phenoscope.cli.common import add_run_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
     from phenoscope.config import from_dict, load_config, to_dict
     from phenoscope.segment.training import SegLoopConfig, SegTrainConfig, train_segmentation
 
-    apply_threads(args)
     cfg = load_config(SegTrainConfig, args.config, model=args.model, init_backbone=args.init_backbone, val_ids=args.val_ids,
                       val_fraction=args.val_fraction, val_every=args.val_every)
     loop = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
