@@ -104,13 +104,6 @@ def to_samples(read: list[tuple[np.ndarray, np.ndarray]], cache_dir: Path | None
             for image, labels in tqdm(read, desc="flows", unit="image", disable=not progress, leave=False)]
 
 
-def load_samples(
-    pairs: list[tuple[Path, Path]], cache_dir: Path | None, net_cfg: NetConfig, progress: bool = True
-) -> list[Sample]:
-    """:func:`read_pairs` then :func:`to_samples`."""
-    return to_samples(read_pairs(pairs, net_cfg), cache_dir, progress)
-
-
 def split_pairs(pairs: list[tuple[Path, Path]], val_ids: str = "", val_fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
     """(train, val) pairs: the stems listed in the file ``val_ids``, else a ``val_fraction`` drawn with ``seed``."""
     if val_ids:
