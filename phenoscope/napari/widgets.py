@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, PushButton, SpinBox, create_widget
 
+from phenoscope.segment.files import SegmentParams
 from phenoscope.segment.options import MaskOptions
 
 if TYPE_CHECKING:
@@ -25,14 +26,11 @@ MODELS = ("default", "classic", "file")
 
 @dataclass(frozen=True)
 class SegmentOptions:
-    """Widget settings, as :meth:`phenoscope.segment.CellposeSAM.segment` takes them."""
+    """Widget settings: the model, and the run's parameters as ``phenoscope segment`` takes them (the
+    channel axis comes from the layer, not from here)."""
 
     model: str = "default"  # "default", "classic" or a weights file path
-    diameter: float | str | None = None  # px, "auto" or None (native size)
-    masks: MaskOptions = MaskOptions()  # thresholds and size filter of the dynamics
-    tile_overlap: float = 0.1
-    batch_size: int = 8
-    tta: bool = False
+    params: SegmentParams = SegmentParams()
 
 
 @dataclass
@@ -54,23 +52,23 @@ def channel_axis_of(data: np.ndarray, rgb: bool) -> int | None:
 
 def segment_image(image: np.ndarray, options: SegmentOptions, channel_axis: int | None, models: dict[str, Any]) -> SegmentOutput:
     """Run one segmentation (no Qt; called in the worker thread). ``models`` caches loaded networks by name."""
+    p = options.params
     if options.model == "classic":
         from phenoscope.segment import segment_classic
 
-        return SegmentOutput(masks=segment_classic(image, channel_axis=channel_axis, min_size=options.masks.min_size))
+        return SegmentOutput(masks=segment_classic(image, channel_axis=channel_axis, min_size=p.options.min_size))
     from phenoscope.segment import load_model
 
     if options.model not in models:
         models[options.model] = load_model(options.model)
     model = models[options.model]
-    res = model.segment(image, channel_axis, options.diameter, options.masks, options.tile_overlap,
-                        options.batch_size, options.tta)
+    res = model.segment(image, channel_axis, p.diameter, p.options, p.tile_overlap, p.batch_size, p.tta)
     return SegmentOutput(masks=res.masks, model=model, flows=res.flows, cellprob=res.cellprob, diameter=res.diameter)
 
 
 def recompute_masks(cached: SegmentOutput, options: SegmentOptions) -> np.ndarray:
     """Masks from the cached flows and cellprob with new thresholds (the dynamics only)."""
-    return cached.model.masks(cached.flows, cached.cellprob, cached.diameter, options.masks)
+    return cached.model.masks(cached.flows, cached.cellprob, cached.diameter, options.params.options)
 
 
 class SegmentWidget(Container):
@@ -121,8 +119,9 @@ class SegmentWidget(Container):
         diameter: float | str | None = "auto" if self.auto_diameter.value else (self.diameter.value or None)
         masks = MaskOptions(flow_threshold=self.flow_threshold.value, cellprob_threshold=self.cellprob_threshold.value,
                             min_size=self.min_size.value)
-        return SegmentOptions(model=model, diameter=diameter, masks=masks, tile_overlap=self.tile_overlap.value,
-                              batch_size=self.batch_size.value, tta=self.tta.value)
+        params = SegmentParams(diameter=diameter, options=masks, tile_overlap=self.tile_overlap.value, tta=self.tta.value,
+                               batch_size=self.batch_size.value)
+        return SegmentOptions(model=model, params=params)
 
     def _start(self, func, *args, desc: str, on_done):
         from napari.qt.threading import create_worker
