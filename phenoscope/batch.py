@@ -216,6 +216,7 @@ def collect_inputs(inputs: Iterable[str | Path], suffixes: Sequence[str] = IMAGE
         return p.is_file() and p.suffix.lower() in suffixes and not p.name.endswith(tuple(exclude))
 
     files: list[Path] = []
+    seen: set[Path] = set()
     problems: list[str] = []
     for entry in inputs:
         path = Path(entry)
@@ -227,7 +228,10 @@ def collect_inputs(inputs: Iterable[str | Path], suffixes: Sequence[str] = IMAGE
             found = sorted(p for p in map(Path, glob.glob(str(entry), recursive=True)) if wanted(p))
         if not found:
             problems.append(f"{entry}: no such file, or no images found")
-        files.extend(f for f in found if f not in files)
+        for f in found:
+            if f not in seen:
+                seen.add(f)
+                files.append(f)
     if unique_stems:
         by_stem: dict[str, list[Path]] = {}
         for f in files:
