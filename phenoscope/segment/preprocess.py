@@ -66,6 +66,14 @@ def network_input(image: np.ndarray, channel_axis: int | None, in_chans: int, me
     return np.moveaxis(normalize_percentile(x, channel_axis=-1), -1, 0)
 
 
+def padded_network_input(image: np.ndarray, channel_axis: int | None, in_chans: int, merge_identical: bool) -> np.ndarray:
+    """:func:`network_input` zero-padded to exactly (in_chans, H, W): the fixed-size array training batches stack."""
+    x = network_input(image, channel_axis, in_chans, merge_identical)
+    out = np.zeros((in_chans, *x.shape[1:]), np.float32)
+    out[: x.shape[0]] = x
+    return out
+
+
 def resize_chw(x: np.ndarray, ly: int, lx: int) -> np.ndarray:
     """Bilinear resize of a (C, H, W) float32 array (half-pixel centres, no antialias: cv2 INTER_LINEAR)."""
     if x.shape[-2:] == (ly, lx):

@@ -122,12 +122,9 @@ class SegmentationInputs:
         return len(self.source)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        from phenoscope.segment.preprocess import network_input
+        from phenoscope.segment.preprocess import padded_network_input
 
-        x = network_input(np.asarray(self.source[i]), 0, self.in_chans, self.merge_identical)
-        out = np.zeros((self.in_chans, *x.shape[1:]), np.float32)
-        out[: x.shape[0]] = x
-        return out
+        return padded_network_input(np.asarray(self.source[i]), 0, self.in_chans, self.merge_identical)
 
 
 def is_segmentation_backbone(cfg: PretrainConfig) -> bool:

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from phenoscope.core.io import IMAGE_SUFFIXES, atomic_path, imread, label_file_for
 from phenoscope.segment.flows import diameter
 from phenoscope.segment.net import NetConfig
-from phenoscope.segment.preprocess import network_input
+from phenoscope.segment.preprocess import padded_network_input
 from phenoscope.segment.training.augment import SegAugmentConfig, augment_sample
 
 
@@ -52,10 +52,7 @@ def load_training_image(path: Path, in_chans: int = 3, merge_identical: bool = T
     Prepared exactly as at inference (:func:`phenoscope.segment.preprocess.network_input`): with
     ``merge_identical`` a gray image saved as RGB(A) becomes one channel.
     """
-    x = network_input(imread(path), None, in_chans, merge_identical)
-    out = np.zeros((in_chans, *x.shape[1:]), np.float32)
-    out[: x.shape[0]] = x
-    return out
+    return padded_network_input(imread(path), None, in_chans, merge_identical)
 
 
 def cached_flows(labels: np.ndarray, cache_dir: Path | None) -> np.ndarray:
