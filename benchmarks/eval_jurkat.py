@@ -4,14 +4,15 @@ Stratified 5-fold CV, macro-F1, two classifiers: kNN (k=20, cosine, majority vot
 features as they are, except the handcrafted ones, which are standardised on the training part
 because their units differ by orders of magnitude) and logistic regression (on standardised
 features, its C chosen in every fold from ``PROBE_C`` = 1, 0.1, 0.01 on a 20 % holdout of the
-training part: the 4,800 raw pixels need C = 0.01, the embeddings mostly C = 1). Feature sets,
-side by side in one run:
+training part: the 4,800 raw pixels need C = 0.01, the embeddings mostly C = 1); ``--mlp`` adds a
+2-layer MLP probe (256 hidden units, early stopping). Feature sets, side by side in one run:
 
 - ``handcrafted``: per-channel intensity statistics + shape of the DNA-channel object (Otsu);
 - ``raw``: the 3×40×40 pixels;
-- ``random-vit``: a randomly initialised ViT of the same architecture as the first backbone;
-- each ``--backbone NAME=PATH`` (``backbone.safetensors`` from ``phenoscope pretrain``): the class
-  token (``NAME``) and class token + mean patch token (``NAME+avg``).
+- each ``--backbone NAME=PATH`` (``backbone.safetensors`` from ``phenoscope pretrain``, a ViT or a
+  CNN): a ViT's class token (``NAME``) and class token + mean patch token (``NAME+avg``), a CNN's
+  pooled feature map (``NAME``);
+- ``random-NAME``: a randomly initialised network of NAME's architecture and preprocessing.
 
 Images go through `phenoscope embed`'s path with the preprocessing each checkpoint records.
 Reference figures are printed next to our numbers, with ratios. ``--dna-content`` also reports how
@@ -37,15 +38,16 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from phenoscope.datasets.jurkat import DNA_CHANNEL, load_jurkat
-from phenoscope.eval.probes import knn_scores, linear_probe_scores, select_c, stratified_fraction
-from phenoscope.core.checkpoint import Preprocessing
+from phenoscope.core.checkpoint import Preprocessing, read_checkpoint
+from phenoscope.eval.probes import knn_scores, linear_probe_scores, mlp_scores, select_c, stratified_fraction
 from phenoscope.ssl.augment import resize
+from phenoscope.nn.cnn import CellCNN
 from phenoscope.ssl.backbone import CellViT
-from phenoscope.ssl.checkpoint import load_backbone_checkpoint
+from phenoscope.ssl.checkpoint import load_backbone_checkpoint, random_like
 from phenoscope.ssl.embed import EmbedConfig, embed_crops
 
 # Reference figures (stratified 5-fold macro-F1): (LogReg, kNN).
-REFERENCE = {"handcrafted": (0.816, 0.685), "raw": (0.664, 0.591), "random-vit": (0.602, 0.430)}
+REFERENCE = {"handcrafted": (0.816, 0.685), "raw": (0.664, 0.591)}
 STANDARDIZE_KNN = {"handcrafted"}  # sums of ~1e5 grey levels beside eccentricities <= 1
 DNA_CONTENT = -4  # handcrafted column (from the end, so any channel count): the DNA object's integrated intensity
 
@@ -69,25 +71,27 @@ def handcrafted_features(images: np.ndarray) -> np.ndarray:
     return np.concatenate([np.stack(stats, 1).reshape(len(images), -1), shape], axis=1)
 
 
-def vit_features(model: CellViT, images: np.ndarray, prep: Preprocessing, batch: int = 256) -> dict[str, np.ndarray]:
-    """Class token and class token ⊕ mean patch token for every image, through ``phenoscope embed``'s
-    :func:`embed_crops` with the checkpoint's preprocessing; images are first resized to the training
-    views' size when that differs from theirs."""
+def backbone_features(model: CellViT | CellCNN, images: np.ndarray, prep: Preprocessing, batch: int = 256) -> dict[str, np.ndarray]:
+    """Features of every image through ``phenoscope embed``'s :func:`embed_crops` with the checkpoint's
+    preprocessing (images first resized to the training views' size when that differs from theirs):
+    ``{"": ...}`` a CNN's pooled map; a ViT's class token and ``"+avg"`` class token ⊕ mean patch token."""
     x = images.astype(np.float32)
     if prep.input_size and x.shape[-1] != prep.input_size:
         x = resize(torch.from_numpy(x), prep.input_size).numpy()
     feats = embed_crops(model.eval(), x, EmbedConfig(batch_size=batch), torch.device("cpu"), prep)
-    return {"cls": feats[:, : model.cfg.embed_dim], "cls+avg": feats}
+    if isinstance(model, CellCNN):
+        return {"": feats}
+    return {"": feats[:, : model.cfg.embed_dim], "+avg": feats}
 
 
 def cross_validate(feats: np.ndarray, y: np.ndarray, fraction: float = 1.0, folds: int = 5, seed: int = 0,
-                   knn_standardize: bool = False) -> dict:
-    """Mean macro-F1 over stratified folds (``logreg``, ``knn``), mean per-class F1 (``logreg_per_class``,
-    ``knn_per_class``, one value per class in label order) and the C chosen in each fold (``logreg_C``);
+                   knn_standardize: bool = False, mlp: bool = False) -> dict:
+    """Mean macro-F1 over stratified folds (``logreg``, ``knn``, and ``mlp`` if asked), mean per-class F1
+    (``<probe>_per_class``, one value per class in label order) and the C chosen in each fold (``logreg_C``);
     the training part is subsampled to ``fraction`` (stratified, at least one cell per class).
     ``knn_standardize`` runs kNN on features standardised with the training part's statistics."""
     classes = np.unique(y)
-    per_class: dict[str, list[np.ndarray]] = {"logreg": [], "knn": []}
+    per_class: dict[str, list[np.ndarray]] = {"logreg": [], "knn": [], **({"mlp": []} if mlp else {})}
     chosen = []
     for fold, (train_idx, test_idx) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(feats, y)):
         tr = train_idx[stratified_fraction(y[train_idx], fraction, seed + fold)]
@@ -99,6 +103,8 @@ def cross_validate(feats: np.ndarray, y: np.ndarray, fraction: float = 1.0, fold
             train_x, test_x = scaler.transform(train_x), scaler.transform(test_x)
         preds = {"logreg": linear_probe_scores(feats[tr], y[tr], feats[test_idx], len(classes), c, seed).argmax(1),
                  "knn": knn_scores(train_x, y[tr], test_x, len(classes), k=20, temperature=None).argmax(1)}
+        if mlp:
+            preds["mlp"] = mlp_scores(feats[tr], y[tr], feats[test_idx], len(classes), seed=seed).argmax(1)
         for name, pred in preds.items():
             per_class[name].append(f1_score(y[test_idx], pred, average=None, labels=classes, zero_division=0))
     out: dict = {"logreg_C": chosen}
@@ -123,7 +129,8 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write results as JSON")
-    ap.add_argument("--no-references", action="store_true", help="skip handcrafted / raw / random-ViT features")
+    ap.add_argument("--no-references", action="store_true", help="skip handcrafted / raw / random-init features")
+    ap.add_argument("--mlp", action="store_true", help="also a 2-layer MLP probe")
     ap.add_argument("--dna-content", action="store_true", help="also R² of predicting log DNA content from each feature set")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
@@ -136,35 +143,38 @@ def main() -> None:
         feats["handcrafted"] = handcrafted_features(images)
         feats["raw"] = images.reshape(len(images), -1).astype(np.float32)
     backbones = [(n, Path(p)) for n, p in (b.split("=", 1) for b in args.backbone)]
-    for i, (name, path) in enumerate(backbones):
+    for name, path in backbones:
         model, prep = load_backbone_checkpoint(path)
-        if i == 0 and not args.no_references:  # random init, same architecture and normalisation as the first backbone
-            rand = vit_features(CellViT(model.cfg), images, prep)
-            feats["random-vit"], feats["random-vit+avg"] = rand["cls"], rand["cls+avg"]
-        out = vit_features(model, images, prep)
-        feats[name], feats[f"{name}+avg"] = out["cls"], out["cls+avg"]
+        if not args.no_references:  # random init, same architecture and normalisation
+            ckpt = read_checkpoint(path)
+            rand = backbone_features(random_like(ckpt.kind, ckpt.config), images, prep)
+            feats.update({f"random-{name}{suffix}": f for suffix, f in rand.items()})
+        feats.update({f"{name}{suffix}": f for suffix, f in backbone_features(model, images, prep).items()})
     print(f"features in {time.time() - t0:.0f} s: " + ", ".join(f"{k} {v.shape[1]}" for k, v in feats.items()))
-    results = {k: cross_validate(v, y, 1.0, args.folds, args.seed, k in STANDARDIZE_KNN) for k, v in feats.items()}
+    results = {k: cross_validate(v, y, 1.0, args.folds, args.seed, k in STANDARDIZE_KNN, args.mlp) for k, v in feats.items()}
     print("\nstratified 5-fold macro-F1 (ratio = ours / the reference figure for that row, where one exists)")
-    print(f"{'features':<18}{'LogReg':>8}{'kNN':>8}{'ref LR':>10}{'ref kNN':>10}{'ratio LR':>10}{'ratio kNN':>10}   LogReg C by fold")
+    mlp_col = f"{'MLP':>8}" if args.mlp else ""
+    print(f"{'features':<22}{'LogReg':>8}{'kNN':>8}{mlp_col}{'ref LR':>10}{'ref kNN':>10}{'ratio LR':>10}{'ratio kNN':>10}   LogReg C by fold")
     for k, r in results.items():
         ref = REFERENCE.get(k)
         extra = f"{ref[0]:>10.3f}{ref[1]:>10.3f}{r['logreg'] / ref[0]:>10.2f}{r['knn'] / ref[1]:>10.2f}" if ref else " " * 40
-        print(f"{k:<18}{r['logreg']:>8.3f}{r['knn']:>8.3f}{extra}   " + " ".join(f"{c:g}" for c in r["logreg_C"]))
-    print("\nper-class kNN F1\n" + f"{'features':<18}" + "".join(f"{n[:9]:>10}" for n in names))
+        mlp = f"{r['mlp']:>8.3f}" if args.mlp else ""
+        print(f"{k:<22}{r['logreg']:>8.3f}{r['knn']:>8.3f}{mlp}{extra}   " + " ".join(f"{c:g}" for c in r["logreg_C"]))
+    print("\nper-class kNN F1\n" + f"{'features':<22}" + "".join(f"{n[:9]:>10}" for n in names))
     for k, r in results.items():
-        print(f"{k:<18}" + "".join(f"{f:>10.2f}" for f in r["knn_per_class"]))
+        print(f"{k:<22}" + "".join(f"{f:>10.2f}" for f in r["knn_per_class"]))
     if "handcrafted" in results:
         hc = results["handcrafted"]
         ratios = [f"{k} LR x{r['logreg'] / hc['logreg']:.2f} kNN x{r['knn'] / hc['knn']:.2f}" for k, r in results.items() if k != "handcrafted"]
         print("\nratio to handcrafted (this run): " + ", ".join(ratios))
     lowshot = {}
     if args.lowshot:
-        print("\nlow-shot macro-F1 (LogReg / kNN) by fraction of training labels")
+        print("\nlow-shot macro-F1 (LogReg / kNN" + (" / MLP" if args.mlp else "") + ") by fraction of training labels")
         for k, v in feats.items():
-            lowshot[k] = {f: cross_validate(v, y, f, args.folds, args.seed, k in STANDARDIZE_KNN) for f in (0.01, 0.05, 0.10)}
+            lowshot[k] = {f: cross_validate(v, y, f, args.folds, args.seed, k in STANDARDIZE_KNN, args.mlp) for f in (0.01, 0.05, 0.10)}
             lowshot[k][1.0] = results[k]
-            print(f"{k:<18}" + "  ".join(f"{int(f * 100):>3}%: {r['logreg']:.3f}/{r['knn']:.3f}" for f, r in lowshot[k].items()))
+            print(f"{k:<22}" + "  ".join(f"{int(f * 100):>3}%: {r['logreg']:.3f}/{r['knn']:.3f}" + (f"/{r['mlp']:.3f}" if args.mlp else "")
+                                          for f, r in lowshot[k].items()))
     dna_r2 = {}
     if args.dna_content:
         hc = feats["handcrafted"] if "handcrafted" in feats else handcrafted_features(images)
@@ -173,7 +183,7 @@ def main() -> None:
         for k, v in feats.items():
             if k != "handcrafted":  # it contains the target
                 dna_r2[k] = dna_content_r2(v, target, args.folds, args.seed)
-                print(f"{k:<18}{dna_r2[k]:>8.3f}")
+                print(f"{k:<22}{dna_r2[k]:>8.3f}")
     if args.out:
         from phenoscope.core.io import atomic_write
 

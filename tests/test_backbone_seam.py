@@ -24,7 +24,8 @@ from phenoscope.train.loop import Progress
 TINY_HEADS = {"dino": {"n_prototypes": 32, "head_hidden_dim": 32, "head_bottleneck_dim": 16},
               "simclr": {"proj_hidden_dim": 32, "proj_dim": 16},
               "mocov3": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32},
-              "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}}
+              "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
+              "byol": {"proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 32}}
 
 
 def json_form(cfg) -> dict:
@@ -95,16 +96,16 @@ def test_registry_lists_every_method_and_rejects_clashes():
     from phenoscope.ssl.pretrain import PretrainConfig
 
     known = methods()
-    assert set(known) >= {"dino", "simclr", "mae", "mocov3"}
+    assert set(known) >= {"dino", "simclr", "mae", "mocov3", "byol"}
     cfg = PretrainConfig()
     assert all(isinstance(getattr(cfg, name), m.config) for name, m in known.items())  # one section per method
     assert {name: m.local_crops for name, m in known.items() if name in TINY_HEADS} == {
-        "dino": True, "simclr": False, "mae": False, "mocov3": False}
+        "dino": True, "simclr": False, "mae": False, "mocov3": False, "byol": False}
     assert register(known["simclr"]) is known["simclr"]  # re-registering the same method is a no-op
     with pytest.raises(ValueError, match="already registered"):
         register(Method("simclr", dict, lambda *a: None))
-    with pytest.raises(ValueError, match="unknown method 'byol'"):
-        get_method("byol")
+    with pytest.raises(ValueError, match="unknown method 'swav'"):
+        get_method("swav")
 
 
 def _views(aug: AugmentConfig, n: int = 4) -> dict[str, torch.Tensor]:
@@ -112,7 +113,7 @@ def _views(aug: AugmentConfig, n: int = 4) -> dict[str, torch.Tensor]:
     return MultiCropCollate(aug, 8)([ds[i] for i in range(n)])
 
 
-@pytest.mark.parametrize("name", ["dino", "simclr", "mocov3", "mae"])
+@pytest.mark.parametrize("name", ["dino", "simclr", "mocov3", "mae", "byol"])
 def test_every_method_trains_the_segmentation_encoder(name):
     """One step of each method on the nano encoder (DINO with masks and 32-px local crops, MAE on a
     quarter of the patches) moves its blocks and neck."""
@@ -174,7 +175,7 @@ def test_mae_needs_a_backbone_that_encodes_a_subset_and_bad_backbones_are_named(
     assert isinstance(_NoSubset(), Backbone)
     with pytest.raises(ValueError, match="_NoSubset does not"):
         method.build(_NoSubset(), method.config(**TINY_HEADS["mae"]), 64)
-    with pytest.raises(ValueError, match=r"unknown backbone 'seg-huge'; choose from \('vit', 'seg-large'"):
+    with pytest.raises(ValueError, match=r"unknown backbone 'seg-huge'; choose from \('vit', 'cnn', 'seg-large'"):
         build_backbone(PretrainConfig(backbone="seg-huge"), 3)
     with pytest.raises(ValueError, match="seg-nano takes at most 3 channels, the data have 4"):
         build_backbone(PretrainConfig(backbone="seg-nano"), 4)

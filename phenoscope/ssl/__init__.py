@@ -1,4 +1,4 @@
-"""Self-supervised pretraining for cell images (Cell-DINO / DINOv2, SimCLR, MoCo v2/v3, MAE; one module per
+"""Self-supervised pretraining for cell images (Cell-DINO / DINOv2, SimCLR, MoCo v2/v3, MAE, BYOL; one module per
 method, registered in :mod:`phenoscope.ssl.registry`) and embeddings of images and single cells.
 
 The names below import torch and timm on first use, so ``import phenoscope.ssl`` stays light.

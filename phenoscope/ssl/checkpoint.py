@@ -17,11 +17,15 @@ import torch
 from phenoscope.config import from_dict, to_dict
 from phenoscope.core.checkpoint import Preprocessing, read_checkpoint, read_weights, save_checkpoint
 from phenoscope.core.state import load_state_strict
+from phenoscope.nn.cnn import CellCNN, CNNConfig
 from phenoscope.ssl.backbone import ARCHS, CellViT, ViTConfig
 
 _CHUNKED = re.compile(r"^blocks\.(\d+)\.(\d+)\.")
 _HEAD_PREFIXES = ("dino_head.", "ibot_head.", "head.")
 KIND = "vit"
+CNN_KIND = "cnn"
+# checkpoint kind → (network class, its config dataclass)
+_BACKBONES: dict[str, tuple[type, type]] = {KIND: (CellViT, ViTConfig), CNN_KIND: (CellCNN, CNNConfig)}
 
 
 def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -101,23 +105,31 @@ def load_dinov2_backbone(source: str | Path | Mapping[str, Any], in_chans: int |
 
 
 def save_backbone(
-    model: CellViT, path: str | Path, preprocessing: Preprocessing | None = None, provenance: dict[str, Any] | None = None
+    model: CellViT | CellCNN, path: str | Path, preprocessing: Preprocessing | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
-    """Save a backbone as a self-describing checkpoint (kind ``vit``: its ``ViTConfig``, the preprocessing
-    of its training inputs and provenance; :mod:`phenoscope.core.checkpoint`), atomically."""
-    return save_checkpoint(path, model.state_dict(), KIND, to_dict(model.cfg), preprocessing, provenance)
+    """Save a backbone as a self-describing checkpoint (kind ``vit`` or ``cnn``: its config, the
+    preprocessing of its training inputs and provenance; :mod:`phenoscope.core.checkpoint`), atomically."""
+    kind = CNN_KIND if isinstance(model, CellCNN) else KIND
+    return save_checkpoint(path, model.state_dict(), kind, to_dict(model.cfg), preprocessing, provenance)
 
 
-def load_backbone_checkpoint(path: str | Path) -> tuple[CellViT, Preprocessing]:
+def load_backbone_checkpoint(path: str | Path) -> tuple[CellViT | CellCNN, Preprocessing]:
     """A backbone written by :func:`save_backbone` (or its earlier form) and the preprocessing it records."""
     ckpt = read_checkpoint(path)
-    if ckpt.kind != KIND:
-        raise ValueError(f"{path}: a {ckpt.kind!r} checkpoint, not a ViT backbone ({KIND!r})")
-    model = CellViT(from_dict(ViTConfig, ckpt.config, f"{path}: config"))
+    if ckpt.kind not in _BACKBONES:
+        raise ValueError(f"{path}: a {ckpt.kind!r} checkpoint, not an SSL backbone ({' or '.join(map(repr, _BACKBONES))})")
+    model = random_like(ckpt.kind, ckpt.config, str(path))
     load_state_strict(model, ckpt.state, str(path))
     return model, ckpt.preprocessing
 
 
-def load_backbone(path: str | Path) -> CellViT:
+def random_like(kind: str, config: Mapping[str, Any], where: str = "config") -> CellViT | CellCNN:
+    """A randomly initialised backbone of checkpoint kind ``kind`` (``vit`` / ``cnn``) and ``config``."""
+    cls, config_cls = _BACKBONES[kind]
+    return cls(from_dict(config_cls, dict(config), f"{where}: config"))
+
+
+def load_backbone(path: str | Path) -> CellViT | CellCNN:
     """The backbone of :func:`load_backbone_checkpoint`."""
     return load_backbone_checkpoint(path)[0]

@@ -1,6 +1,6 @@
 """Pretraining API: one config, one loop, every registered method (:mod:`phenoscope.ssl.registry`:
-dino, simclr, mae, mocov3) on either backbone, the SSL ViT (``backbone = "vit"``) or a Cellpose-SAM
-encoder (``backbone = "seg-<variant>"``, e.g. ``seg-nano``; saved as a ``seg-encoder`` checkpoint that
+dino, simclr, mae, mocov3, byol) on any backbone: the SSL ViT (``backbone = "vit"``), a small-input
+ResNet (``backbone = "cnn"``, :mod:`phenoscope.nn.cnn`) or a Cellpose-SAM encoder (``backbone = "seg-<variant>"``, e.g. ``seg-nano``; saved as a ``seg-encoder`` checkpoint that
 ``phenoscope train --init-backbone`` starts segmentation training from)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from phenoscope.config import to_dict
 from phenoscope.core.checkpoint import Preprocessing, provenance
 from phenoscope.core.io import IMAGE_SUFFIXES, atomic_write
 from phenoscope.nn.backbone import Backbone, check_backbone
+from phenoscope.nn.cnn import CellCNN, CNNConfig
 from phenoscope.ssl.augment import AugmentConfig
 from phenoscope.ssl.backbone import CellViT, ViTConfig
 from phenoscope.ssl.checkpoint import load_dinov2_backbone, save_backbone
@@ -44,7 +45,8 @@ class DataConfig:
 class _CommonConfig:
     """Everything ``phenoscope pretrain`` needs; every section is a dataclass with defaults.
 
-    ``backbone``: ``vit`` (the ``[vit]`` section, or ``init_checkpoint``) or ``seg-<variant>``, the
+    ``backbone``: ``vit`` (the ``[vit]`` section, or ``init_checkpoint``), ``cnn`` (the ``[cnn]``
+    section; no masked-token objectives: MAE, iBOT) or ``seg-<variant>``, the
     Cellpose-SAM encoder of that variant (``seg-nano`` ... ``seg-large``). Its images are prepared as for
     segmentation (:class:`SegmentationInputs`) and the views keep that scale (``[augment] normalize`` is
     replaced by identity ``dataset`` statistics), so the encoder is pretrained on the inputs it segments.
@@ -56,6 +58,7 @@ class _CommonConfig:
     bag_of_channels: bool = False  # train a 1-channel ViT on every channel as its own image
     init_checkpoint: str = ""  # dinov2-format checkpoint to start from (channel expansion if needed)
     vit: ViTConfig = field(default_factory=ViTConfig)
+    cnn: CNNConfig = field(default_factory=CNNConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -136,19 +139,24 @@ def backbone_names() -> tuple[str, ...]:
     """Accepted values of ``PretrainConfig.backbone``."""
     from phenoscope.segment.net import VARIANTS
 
-    return ("vit", *(SEG_PREFIX + name for name in VARIANTS))
+    return ("vit", "cnn", *(SEG_PREFIX + name for name in VARIANTS))
 
 
 def build_backbone(cfg: PretrainConfig, in_chans: int) -> Backbone:
     """Random or checkpoint-initialised backbone for images of ``in_chans`` channels.
 
-    ``vit``: a :class:`CellViT` with ``in_chans`` channels. ``seg-<variant>``: the Cellpose-SAM encoder
+    ``vit``: a :class:`CellViT` with ``in_chans`` channels; ``cnn``: a :class:`CellCNN` likewise.
+    ``seg-<variant>``: the Cellpose-SAM encoder
     of that variant with a mask token (its own ``in_chans``; the data are zero-padded to it).
     """
     if cfg.backbone == "vit":
         if cfg.init_checkpoint:
             return load_dinov2_backbone(cfg.init_checkpoint, in_chans=in_chans, drop_path_rate=cfg.vit.drop_path_rate)
         return CellViT(ViTConfig(**{**to_dict(cfg.vit), "in_chans": in_chans}))
+    if cfg.backbone == "cnn":
+        if cfg.init_checkpoint or cfg.bag_of_channels:
+            raise ValueError("init_checkpoint and bag_of_channels apply to the vit backbone only, not 'cnn'")
+        return CellCNN(replace(cfg.cnn, in_chans=in_chans))
     if cfg.backbone not in backbone_names():
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {backbone_names()}")
     if cfg.init_checkpoint or cfg.bag_of_channels:
@@ -168,8 +176,9 @@ def build_objective(cfg: PretrainConfig, backbone: Backbone) -> nn.Module:
 
 
 def save_pretrained(backbone: Backbone, path: Path, preprocessing: Preprocessing, record: dict[str, Any]) -> Path:
-    """Write the trained backbone: kind ``vit`` for a :class:`CellViT`, ``seg-encoder`` for a Cellpose-SAM encoder."""
-    if isinstance(backbone, CellViT):
+    """Write the trained backbone: kind ``vit`` / ``cnn`` for a :class:`CellViT` / :class:`CellCNN`,
+    ``seg-encoder`` for a Cellpose-SAM encoder."""
+    if isinstance(backbone, (CellViT, CellCNN)):
         return save_backbone(backbone, path, preprocessing, record)
     from phenoscope.segment.checkpoint import save_encoder
 

@@ -17,7 +17,8 @@ from torch import nn
 from phenoscope.nn.backbone import Backbone
 from phenoscope.train.optim import param_groups
 
-BUILTIN = ("phenoscope.ssl.dino", "phenoscope.ssl.simclr", "phenoscope.ssl.moco", "phenoscope.ssl.mae")
+BUILTIN = ("phenoscope.ssl.dino", "phenoscope.ssl.simclr", "phenoscope.ssl.moco", "phenoscope.ssl.mae",
+           "phenoscope.ssl.byol")
 
 _REGISTRY: dict[str, Method] = {}
 
