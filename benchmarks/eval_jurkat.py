@@ -12,7 +12,8 @@ training part: the 4,800 raw pixels need C = 0.01, the embeddings mostly C = 1);
 - each ``--backbone NAME=PATH`` (``backbone.safetensors`` from ``phenoscope pretrain``, a ViT or a
   CNN): a ViT's class token (``NAME``) and class token + mean patch token (``NAME+avg``), a CNN's
   pooled feature map (``NAME``);
-- ``random-NAME``: a randomly initialised network of NAME's architecture and preprocessing.
+- ``random-NAME``: a randomly initialised network of NAME's architecture and preprocessing (one per
+  architecture: the first backbone that has it names it).
 
 Images go through `phenoscope embed`'s path with the preprocessing each checkpoint records.
 Reference figures are printed next to our numbers, with ratios. ``--dna-content`` also reports how
@@ -143,10 +144,13 @@ def main() -> None:
         feats["handcrafted"] = handcrafted_features(images)
         feats["raw"] = images.reshape(len(images), -1).astype(np.float32)
     backbones = [(n, Path(p)) for n, p in (b.split("=", 1) for b in args.backbone)]
+    architectures = set()
     for name, path in backbones:
         model, prep = load_backbone_checkpoint(path)
-        if not args.no_references:  # random init, same architecture and normalisation
-            ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path)
+        arch = json.dumps([ckpt.kind, ckpt.config, prep.normalize], sort_keys=True)
+        if not args.no_references and arch not in architectures:  # random init, same architecture and normalisation
+            architectures.add(arch)
             rand = backbone_features(random_like(ckpt.kind, ckpt.config), images, prep)
             feats.update({f"random-{name}{suffix}": f for suffix, f in rand.items()})
         feats.update({f"{name}{suffix}": f for suffix, f in backbone_features(model, images, prep).items()})

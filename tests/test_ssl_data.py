@@ -8,6 +8,7 @@ import tifffile
 import torch
 
 from phenoscope.ssl.augment import (
+    random_shift,
     AugmentConfig,
     drop_channel,
     jitter_channels,
@@ -38,6 +39,24 @@ def test_random_resized_crop_full_scale_is_resize():
     out = random_resized_crop(x, 20, (1.0, 1.0), (1.0, 1.0), _g())
     assert torch.allclose(out, x, atol=1e-6)
     assert random_resized_crop(torch.rand(2, 30, 50), 16, (0.1, 0.5), (0.75, 1.33), _g()).shape == (2, 16, 16)
+
+
+def test_random_shift_translates_with_reflected_borders_and_is_off_at_zero():
+    x = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(2, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    assert random_shift(x, 0, g) is x and torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
+    seen = set()
+    for _ in range(50):
+        y = random_shift(x, 2, g)
+        assert y.shape == x.shape
+        # find the shift: the interior of x reappears unchanged at an offset of at most 2 px
+        hits = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                if torch.equal(y[:, 2 + dy : 6 + dy, 2 + dx : 6 + dx], x[:, 2:6, 2:6])]
+        assert len(hits) == 1
+        seen.add(hits[0])
+    assert len(seen) > 10  # many of the 25 offsets occur
+    with pytest.raises(ValueError, match="max_shift 8 must be smaller"):
+        random_shift(x, 8, g)
 
 
 def test_self_normalize_modes():

@@ -1,4 +1,4 @@
-"""Cell-image augmentations (Cell-DINO): crops, flips, per-channel intensity jitter, channel drop,
+"""Cell-image augmentations (Cell-DINO): crops, shifts, flips, per-channel intensity jitter, channel drop,
 protein-channel rescale and self-normalisation. No blur, solarisation or grayscale.
 
 Every function takes a float tensor (C, H, W) and a ``torch.Generator`` and returns a new tensor.
@@ -23,6 +23,7 @@ class AugmentConfig:
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    max_shift: int = 0  # random translation of up to this many pixels per axis (reflect padding); 0 = off
     flip_p: float = 0.5  # each of horizontal / vertical
     rot90: bool = True
     normalize: str = "channel"  # self-normalisation "channel" / "image", or fixed "dataset" statistics
@@ -69,6 +70,20 @@ def random_resized_crop(
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """(B, C, H, W) → (B, C, size, size), bilinear and antialiased: the resampling of every view."""
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
+    """Translate (C, H, W) by integers dy, dx uniform in [-max_shift, max_shift], the uncovered border
+    reflected (no resampling, so the pixel scale is kept); ``max_shift`` 0 returns ``x`` and draws nothing."""
+    if max_shift <= 0:
+        return x
+    _, h, w = x.shape
+    if max_shift >= min(h, w):
+        raise ValueError(f"max_shift {max_shift} must be smaller than the view ({h}x{w})")
+    dy, dx = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=g))
+    padded = F.pad(x[None], (max_shift,) * 4, mode="reflect")[0]
+    top, left = max_shift - dy, max_shift - dx
+    return padded[:, top : top + h, left : left + w]
 
 
 def random_flip_rot(x: torch.Tensor, flip_p: float, rot90: bool, g: torch.Generator) -> torch.Tensor:
@@ -143,8 +158,9 @@ def rescale_channel(x: torch.Tensor, channel: int | None, scale: tuple[float, fl
 
 
 def augment_view(x: torch.Tensor, cfg: AugmentConfig, size: int, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
-    """One augmented view: crop → flips → normalise → jitter → protein rescale → channel drop."""
+    """One augmented view: crop → shift → flips → normalise → jitter → protein rescale → channel drop."""
     x = random_resized_crop(x, size, scale, cfg.ratio, g)
+    x = random_shift(x, cfg.max_shift, g)
     x = random_flip_rot(x, cfg.flip_p, cfg.rot90, g)
     x = normalize_view(x, cfg)
     x = jitter_channels(x, cfg.jitter_p, cfg.brightness, cfg.contrast, g)
