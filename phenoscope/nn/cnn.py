@@ -27,11 +27,15 @@ CNN_ARCHS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 
 @dataclass
 class CNNConfig:
-    """ResNet options: ``arch`` (a key of :data:`CNN_ARCHS`), input channels, stem stride (1 or 2)."""
+    """ResNet options: ``arch`` (a key of :data:`CNN_ARCHS`), input channels, stem stride (1 or 2).
 
-    arch: str = "resnet18"
+    The default, a half-width ResNet-18 with a stride-2 stem, costs about as much per 40-px cell as the
+    4-block ViT-tiny/8 (``benchmarks/bench_pretrain_step.py``); a full-width ResNet-18 with a stride-1
+    stem costs about 15× more."""
+
+    arch: str = "resnet18-half"
     in_chans: int = 3
-    stem_stride: int = 1
+    stem_stride: int = 2
 
     def __post_init__(self) -> None:
         if self.arch not in CNN_ARCHS:
@@ -42,7 +46,8 @@ class CNNConfig:
 
 class CellCNN(nn.Module):
     """ResNet with a small-input stem; ``forward_tokens`` → ``cls`` (B, D) = mean of the last feature map,
-    ``patches`` (B, h·w, D) = its positions (row-major). D = the last stage's channels."""
+    ``patches`` (B, h·w, D) = its positions (row-major). D = the last stage's channels; h = ⌈H / p⌉ with
+    p = ``patch_size`` (the total stride), which equals the protocol's H // p when p divides H."""
 
     def __init__(self, cfg: CNNConfig) -> None:
         super().__init__()
