@@ -1,6 +1,7 @@
 """Cost of one CPU pretraining step, by part: data (augmentation + collate), the objective's
 forward/backward/AdamW step in fp32 and under bf16 autocast, and for a CNN backbone its network in
-NCHW versus channels_last memory format. Each config is built as ``phenoscope pretrain`` builds it.
+NCHW versus channels_last memory format. Each config is built by ``phenoscope pretrain``'s own
+:func:`phenoscope.ssl.pretrain.prepare_pretraining`.
 
     python benchmarks/bench_pretrain_step.py --threads 1 --steps 5 --bf16 \
         configs/ssl/jurkat_dino.toml experiments/jurkat_ssl/configs/cnn_byol.toml
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,8 +21,7 @@ import torch
 from phenoscope.config import load_config
 from phenoscope.datasets import dataset_path
 from phenoscope.nn.cnn import CellCNN
-from phenoscope.ssl.data import MultiCropCollate, MultiCropDataset
-from phenoscope.ssl.pretrain import PretrainConfig, build_backbone, build_objective, build_source, channel_stats
+from phenoscope.ssl.pretrain import PretrainConfig, prepare_pretraining
 from phenoscope.train.loop import Progress
 
 
@@ -36,15 +35,10 @@ def seconds(fn, repeats: int) -> float:
 
 
 def bench(config: Path, data: Path, steps: int, bf16: bool) -> dict[str, float]:
-    cfg = load_config(PretrainConfig, config)
-    source = build_source([data], cfg.data)
-    backbone = build_backbone(cfg, source[0].shape[0])
-    objective = build_objective(cfg, backbone).train()
-    aug = replace(cfg.augment, n_local=cfg.augment.n_local if objective.__class__.__name__ == "DINO" else 0)
-    if aug.normalize == "dataset" and aug.channel_mean is None:
-        aug = replace(aug, **channel_stats(source))
-    dataset, collate = MultiCropDataset(source, aug, seed=0), MultiCropCollate(aug, backbone.patch_size)
-    n = cfg.train.batch_size
+    run = prepare_pretraining(load_config(PretrainConfig, config), [data])
+    objective, dataset, collate = run.objective.train(), run.dataset, run.collate
+    backbone = objective.backbone
+    n = run.cfg.train.batch_size
     batches = iter(range(10**9))
 
     def data_step():

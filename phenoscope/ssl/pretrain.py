@@ -1,6 +1,7 @@
 """Pretraining API: one config, one loop, every registered method (:mod:`phenoscope.ssl.registry`:
 dino, simclr, mae, mocov3, byol) on any backbone: the SSL ViT (``backbone = "vit"``), a small-input
-ResNet (``backbone = "cnn"``, :mod:`phenoscope.nn.cnn`) or a Cellpose-SAM encoder (``backbone = "seg-<variant>"``, e.g. ``seg-nano``; saved as a ``seg-encoder`` checkpoint that
+ResNet (``backbone = "cnn"``, :mod:`phenoscope.nn.cnn`) or a Cellpose-SAM encoder
+(``backbone = "seg-<variant>"``, e.g. ``seg-nano``; saved as a ``seg-encoder`` checkpoint that
 ``phenoscope train --init-backbone`` starts segmentation training from)."""
 
 from __future__ import annotations
@@ -146,21 +147,19 @@ def build_backbone(cfg: PretrainConfig, in_chans: int) -> Backbone:
     """Random or checkpoint-initialised backbone for images of ``in_chans`` channels.
 
     ``vit``: a :class:`CellViT` with ``in_chans`` channels; ``cnn``: a :class:`CellCNN` likewise.
-    ``seg-<variant>``: the Cellpose-SAM encoder
-    of that variant with a mask token (its own ``in_chans``; the data are zero-padded to it).
+    ``seg-<variant>``: the Cellpose-SAM encoder of that variant with a mask token (its own ``in_chans``;
+    the data are zero-padded to it).
     """
     if cfg.backbone == "vit":
         if cfg.init_checkpoint:
             return load_dinov2_backbone(cfg.init_checkpoint, in_chans=in_chans, drop_path_rate=cfg.vit.drop_path_rate)
         return CellViT(ViTConfig(**{**to_dict(cfg.vit), "in_chans": in_chans}))
-    if cfg.backbone == "cnn":
-        if cfg.init_checkpoint or cfg.bag_of_channels:
-            raise ValueError("init_checkpoint and bag_of_channels apply to the vit backbone only, not 'cnn'")
-        return CellCNN(replace(cfg.cnn, in_chans=in_chans))
     if cfg.backbone not in backbone_names():
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {backbone_names()}")
     if cfg.init_checkpoint or cfg.bag_of_channels:
         raise ValueError(f"init_checkpoint and bag_of_channels apply to the vit backbone only, not {cfg.backbone!r}")
+    if cfg.backbone == "cnn":
+        return CellCNN(replace(cfg.cnn, in_chans=in_chans))
     from phenoscope.segment.net import Encoder, variant
 
     net_cfg = variant(cfg.backbone.removeprefix(SEG_PREFIX))
@@ -195,12 +194,20 @@ def input_preprocessing(cfg: PretrainConfig) -> Preprocessing:
                          bag_of_channels=cfg.bag_of_channels, input_size=aug.global_size)
 
 
-def pretrain(cfg: PretrainConfig, data: list[str | Path], out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Pretrain a backbone; writes checkpoints, logs, ``config.json`` and ``backbone.safetensors``
-    (kind ``vit`` or ``seg-encoder``)."""
+@dataclass
+class Pretraining:
+    """What :func:`pretrain` trains: the resolved config (local crops off for methods without them,
+    ``dataset`` statistics filled in), the objective, the augmented dataset and its collate function."""
+
+    cfg: PretrainConfig
+    objective: nn.Module
+    dataset: MultiCropDataset
+    collate: MultiCropCollate
+
+
+def prepare_pretraining(cfg: PretrainConfig, data: list[str | Path]) -> Pretraining:
+    """Build the source, backbone, objective and views of ``cfg`` on ``data`` as :func:`pretrain` trains them."""
     method = get_method(cfg.method)
-    out_dir = Path(out_dir)
-    setup_distributed()  # no-op unless launched by torchrun
     source = build_source(data, cfg.data)
     n_chans = source[0].shape[0]
     if cfg.bag_of_channels:
@@ -216,15 +223,24 @@ def pretrain(cfg: PretrainConfig, data: list[str | Path], out_dir: str | Path, r
         augment = replace(augment, n_local=0)  # the method uses the two global views only
     if augment.normalize == "dataset" and augment.channel_mean is None:
         augment = replace(augment, **channel_stats(source))
-    cfg = replace(cfg, augment=augment)
-    dataset = MultiCropDataset(source, augment, seed=cfg.train.seed)
+    return Pretraining(replace(cfg, augment=augment), objective, MultiCropDataset(source, augment, seed=cfg.train.seed),
+                       MultiCropCollate(augment, backbone.patch_size))
+
+
+def pretrain(cfg: PretrainConfig, data: list[str | Path], out_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Pretrain a backbone; writes checkpoints, logs, ``config.json`` and ``backbone.safetensors``
+    (kind ``vit``, ``cnn`` or ``seg-encoder``)."""
+    out_dir = Path(out_dir)
+    setup_distributed()  # no-op unless launched by torchrun
+    run = prepare_pretraining(cfg, data)
+    cfg = run.cfg
     main_process = not dist.is_initialized() or dist.get_rank() == 0
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_write(out_dir / "config.json", "w") as fh:
             json.dump(to_dict(cfg), fh, indent=2)
-    summary = train(objective, dataset, cfg.train, out_dir, resume, MultiCropCollate(augment, backbone.patch_size))
+    summary = train(run.objective, run.dataset, cfg.train, out_dir, resume, run.collate)
     if main_process:
-        save_pretrained(objective.backbone, out_dir / "backbone.safetensors", input_preprocessing(cfg),
+        save_pretrained(run.objective.backbone, out_dir / "backbone.safetensors", input_preprocessing(cfg),
                         provenance(config=to_dict(cfg), data=[str(d) for d in data]))
     return summary
