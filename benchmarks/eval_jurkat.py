@@ -39,12 +39,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from phenoscope.datasets.jurkat import DNA_CHANNEL, load_jurkat
-from phenoscope.core.checkpoint import Preprocessing, read_checkpoint
+from phenoscope.config import to_dict
+from phenoscope.core.checkpoint import Preprocessing
 from phenoscope.eval.probes import knn_scores, linear_probe_scores, mlp_scores, select_c, stratified_fraction
 from phenoscope.ssl.augment import resize
 from phenoscope.nn.cnn import CellCNN
 from phenoscope.ssl.backbone import CellViT
-from phenoscope.ssl.checkpoint import load_backbone_checkpoint, random_like
+from phenoscope.ssl.checkpoint import load_backbone_checkpoint
 from phenoscope.ssl.embed import EmbedConfig, embed_crops
 
 # Reference figures (stratified 5-fold macro-F1): (LogReg, kNN).
@@ -147,11 +148,10 @@ def main() -> None:
     architectures = set()
     for name, path in backbones:
         model, prep = load_backbone_checkpoint(path)
-        ckpt = read_checkpoint(path)
-        arch = json.dumps([ckpt.kind, ckpt.config, prep.normalize], sort_keys=True)
+        arch = json.dumps([type(model).__name__, to_dict(model.cfg), prep.normalize], sort_keys=True)
         if not args.no_references and arch not in architectures:  # random init, same architecture and normalisation
             architectures.add(arch)
-            rand = backbone_features(random_like(ckpt.kind, ckpt.config), images, prep)
+            rand = backbone_features(type(model)(model.cfg), images, prep)
             feats.update({f"random-{name}{suffix}": f for suffix, f in rand.items()})
         feats.update({f"{name}{suffix}": f for suffix, f in backbone_features(model, images, prep).items()})
     print(f"features in {time.time() - t0:.0f} s: " + ", ".join(f"{k} {v.shape[1]}" for k, v in feats.items()))

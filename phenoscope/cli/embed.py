@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("embed", help="embed images or single cells with a ViT backbone", description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")

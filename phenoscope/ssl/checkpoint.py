@@ -110,7 +110,7 @@ def save_backbone(
 ) -> Path:
     """Save a backbone as a self-describing checkpoint (kind ``vit`` or ``cnn``: its config, the
     preprocessing of its training inputs and provenance; :mod:`phenoscope.core.checkpoint`), atomically."""
-    kind = CNN_KIND if isinstance(model, CellCNN) else KIND
+    kind = next(k for k, (cls, _) in _BACKBONES.items() if isinstance(model, cls))
     return save_checkpoint(path, model.state_dict(), kind, to_dict(model.cfg), preprocessing, provenance)
 
 
