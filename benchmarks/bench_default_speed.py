@@ -1,6 +1,6 @@
 """End-to-end time of the default model on a 1024×1024 image on CPU (2 threads), beside cellpose cpsam.
 
-Times ``load_model().segment(image)`` (normalisation, 25 tiles, blending, flow dynamics with QC)
+Times ``load_model().segment(image)`` (size estimate, normalisation, tiles, blending, flow dynamics with QC)
 and the whole ``phenoscope segment`` per-image step (read, segment, write masks + cell table).
 Images: the densest real 1024² DSB 2018 image (when ``../shared/data`` is there) and a dense generated one.
 With ``--cpsam-tiles N`` it also times cellpose 4.2.1.1's CPSAM (random weights, fp32) on N 256²
@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpsam-tiles", type=int, default=0, help="also time N cpsam tiles (0: skip)")
-    parser.add_argument("--diameter", type=parse_diameter, default=None, help="'auto' or px (default: native size)")
+    parser.add_argument("--diameter", type=parse_diameter, default=None,
+                        help="'auto' or px (default: the model's size estimate, native size without a size head)")
     parser.add_argument("--tta", action="store_true", help="average over tile flips, as `phenoscope segment --tta`")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,9 +93,15 @@ def main() -> None:
             imwrite_tiff(path, image)
             segmenter = load_segmenter(args.model, SegmentParams(diameter=diameter, tta=args.tta))
             end_to_end = best_of(lambda: segment_file(path, tmp, segmenter), args.repeats)
-        size = f" (estimated diameter {res.diameter:.1f} px)" if diameter == "auto" and res.diameter else ""
+        size = f" (segmented at diameter {res.diameter:.1f} px)" if res.diameter else " (native size)"
         print(f"{what} → {res.masks.max()} cells{size}: model.segment {seg:.2f} s; "
               f"read + segment + write masks and cells.csv {end_to_end:.2f} s")
+        if diameter is None and model.net.size is not None and res.diameter:
+            estimate = best_of(lambda: model.estimate_diameter(image), args.repeats)
+            fixed = best_of(lambda: model.segment(image, diameter=res.diameter, tta=args.tta), args.repeats)
+            native = best_of(lambda: model.segment(image, diameter=model.cfg.diam_mean, tta=args.tta), args.repeats)
+            print(f"    size estimate alone {estimate:.2f} s; one pass at that diameter {fixed:.2f} s "
+                  f"(estimate + pass = {(estimate + fixed) / fixed:.2f}× the pass); native-size pass {native:.2f} s")
     if args.cpsam_tiles:
         cp = cpsam_seconds(args.cpsam_tiles, len(list(tile_grid(1024, 1024, 256, 0.1))))
         print(f"cellpose cpsam fp32, network alone on 25 tiles (extrapolated from {args.cpsam_tiles}): {cp:.0f} s "

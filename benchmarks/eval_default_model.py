@@ -1,7 +1,8 @@
 """Accuracy and robustness of a segmentation model on the DSB 2018 validation split, beside the classical baseline.
 
-Every image goes through the user path, ``load_model(...).segment(raw RGB image)`` at native size,
-with default parameters and no diameter (``--diameter auto|PX`` and ``--tta`` change that). Prints (and writes as JSON) mean AP@0.5/0.75/0.9 and the
+Every image goes through the user path, ``load_model(...).segment(raw RGB image)`` given at native size,
+with default parameters and no diameter, so the model's size estimate sets the resize if it has a size
+head (``--diameter auto|PX`` and ``--tta`` change that). Prints (and writes as JSON) mean AP@0.5/0.75/0.9 and the
 error rate at 0.5 per modality and overall; with ``--robustness`` also AP@0.5 under the
 perturbations of the Cellpose-SAM paper's Figure 3:
 

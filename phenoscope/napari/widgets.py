@@ -80,7 +80,7 @@ class SegmentWidget(Container):
         self.image = create_widget(annotation="napari.layers.Image", label="image")
         self.model = ComboBox(choices=MODELS, value="default", label="model")
         self.model_file = FileEdit(mode="r", label="model file", visible=False)
-        self.diameter = FloatSpinBox(value=0.0, min=0.0, max=10_000.0, step=1.0, label="diameter (px, 0 = native)")
+        self.diameter = FloatSpinBox(value=0.0, min=0.0, max=10_000.0, step=1.0, label="diameter (px, 0 = the model's estimate)")
         self.auto_diameter = CheckBox(value=False, text="estimate the diameter (auto)")
         self.flow_threshold = FloatSpinBox(value=0.4, min=0.0, max=10.0, step=0.05, label="flow threshold")
         self.cellprob_threshold = FloatSpinBox(value=0.0, min=-12.0, max=12.0, step=0.1, label="cellprob threshold")

@@ -51,6 +51,8 @@ def config_from_state(state: Mapping[str, torch.Tensor], diam_mean: float = 30.0
             nout=state["out.weight"].shape[0] // patch**2,
             rel_pos_rows=() if set(rows) == {2 * grid - 1} else rows,
             diam_mean=diam_mean,
+            skip=state["refine.stem.0.weight"].shape[0] if "refine.stem.0.weight" in state else 0,
+            size_head="size.weight" in state,
         )
     except (KeyError, ValueError, IndexError) as err:
         raise ValueError(f"not a Cellpose-SAM state dict (cannot infer shapes: {err!r})") from err

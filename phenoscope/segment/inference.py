@@ -22,7 +22,7 @@ from phenoscope.core.tiling import TileGrid, blend_tile, flip_tile, read_tile, t
 from phenoscope.segment.flows import diameter as median_diameter
 from phenoscope.segment.net import CellposeSAMNet
 from phenoscope.segment.options import MaskOptions
-from phenoscope.segment.preprocess import network_input, resize_chw
+from phenoscope.segment.preprocess import network_input, padded_network_input, resize_chw
 
 
 @dataclass
@@ -166,6 +166,18 @@ class CellposeSAM:
             return 1.0
         return self.cfg.diam_mean / float(diameter)
 
+    def estimate_diameter(self, image: np.ndarray, channel_axis: int | None = None, max_tiles: int = 8) -> float | None:
+        """Median cell diameter (px) of a 2D image from the network's size head (:mod:`phenoscope.segment.size`),
+        from at most ``max_tiles`` tiles at native size; None if the network has no size head or sees no cells."""
+        from phenoscope.segment.size import estimate_diameter
+
+        if self.net.size is None:
+            return None
+        x = padded_network_input(image, channel_axis, self.cfg.in_chans, self.cfg.merge_identical_channels)
+        with self._autocast():
+            d = estimate_diameter(self.net, x, max_tiles, self.device)
+        return None if d is None else float(np.clip(d, self.cfg.diam_mean / 4, self.cfg.diam_mean * 4))
+
     def segment(
         self,
         image: np.ndarray,
@@ -178,21 +190,30 @@ class CellposeSAM:
     ) -> SegmentResult:
         """Segment one 2D image (YX, YXC or CYX; see :func:`phenoscope.segment.preprocess.to_yxc`) into a label image.
 
-        ``diameter``: None segments at native size; a number (px) resizes cells of that size to the
-        network's 30 px; ``"auto"`` segments at native size, estimates the diameter from those masks
-        (cellpose's 2·sqrt(median area / π)), then segments again resized by it (at most 4× either way).
-        ``options``: how flows become masks (default :class:`MaskOptions()`, cellpose's defaults).
+        ``diameter``: a number (px) resizes cells of that size to the network's ``diam_mean`` (30 px); None
+        uses the network's size estimate (:meth:`estimate_diameter`) when it has a size head, and native size
+        otherwise (or when no cells are seen); ``"auto"`` segments at native size, measures the diameter on
+        those masks (cellpose's 2·sqrt(median area / π)), then segments again resized by it (at most 4× either
+        way). ``options``: how flows become masks (default :class:`MaskOptions()`, cellpose's defaults).
         """
         options = options or MaskOptions()
         if isinstance(diameter, str):
             if diameter != "auto":
                 raise ValueError(f"diameter must be a number of px, None or 'auto', got {diameter!r}")
-            first = self.segment(image, channel_axis, None, options, tile_overlap, batch_size, tta)
+            first = self.predict_masks(image, channel_axis, None, options, tile_overlap, batch_size, tta)
             estimate = median_diameter(first.masks)
             if estimate <= 0:  # no cells: nothing to measure
                 return first
             d = float(np.clip(estimate, self.cfg.diam_mean / 4, self.cfg.diam_mean * 4))
-            return self.segment(image, channel_axis, d, options, tile_overlap, batch_size, tta)
+            return self.predict_masks(image, channel_axis, d, options, tile_overlap, batch_size, tta)
+        if diameter is None:
+            diameter = self.estimate_diameter(image, channel_axis)
+        return self.predict_masks(image, channel_axis, diameter, options, tile_overlap, batch_size, tta)
+
+    def predict_masks(self, image: np.ndarray, channel_axis: int | None = None, diameter: float | None = None,
+                      options: MaskOptions | None = None, tile_overlap: float = 0.1, batch_size: int = 8,
+                      tta: bool = False) -> SegmentResult:
+        """:meth:`predict` then :meth:`masks` at a given ``diameter`` (px; None: native size, no estimate)."""
         flows, cellprob = self.predict(image, channel_axis, diameter, tile_overlap, batch_size, tta)
         return SegmentResult(masks=self.masks(flows, cellprob, diameter, options), flows=flows, cellprob=cellprob,
                              diameter=diameter)

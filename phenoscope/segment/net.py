@@ -46,6 +46,10 @@ class NetConfig:
     # feed a gray image stored as identical RGB planes as one channel (others zero), as phenoscope
     # trains its own models; cellpose (and so an imported cpsam) feeds the three copies
     merge_identical_channels: bool = False
+    # channels of the full-resolution refinement path (:class:`FullResRefine`); 0 = none (cpsam's layout)
+    skip: int = 0
+    # a linear read-out of the cell diameter from the pooled neck features (:mod:`phenoscope.segment.size`)
+    size_head: bool = False
 
     @property
     def grid(self) -> int:
@@ -329,24 +333,81 @@ class Encoder(nn.Module):
         return {"cls": patches.mean(dim=1), "patches": patches}
 
 
+class FullResRefine(nn.Module):
+    """A residual correction of the pixel-shuffled output from full-resolution convolutions.
+
+    The ViT sees the image only through 8×8 patches, so fine boundaries reach the output through one
+    linear read-out per patch. This path adds two 3×3 convolutions on the input pixels, fuses them with
+    the neck features upsampled to full resolution and the coarse output, and adds the result to the
+    coarse output. Its last layer starts at zero, so a network gains the path without changing its
+    outputs (:func:`with_refine`). Cost: about ``30·skip²`` multiply-adds per pixel.
+    """
+
+    def __init__(self, cfg: NetConfig) -> None:
+        super().__init__()
+        c = cfg.skip
+        self.patch = cfg.patch
+        self.stem = nn.Sequential(nn.Conv2d(cfg.in_chans, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 3, padding=1), nn.GELU())
+        self.up = nn.Conv2d(cfg.neck_dim, c * cfg.patch**2, kernel_size=1)
+        self.fuse = nn.Sequential(nn.Conv2d(2 * c + cfg.nout, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, cfg.nout, 1))
+        nn.init.zeros_(self.fuse[-1].weight)
+        nn.init.zeros_(self.fuse[-1].bias)
+
+    def forward(self, x: torch.Tensor, feats: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """x (B, in_chans, T, T) input, feats (B, neck_dim, T/p, T/p), coarse (B, nout, T, T) → (B, nout, T, T)."""
+        up = F.pixel_shuffle(self.up(feats), self.patch)
+        return coarse + self.fuse(torch.cat([self.stem(x), up, coarse], dim=1))
+
+
 class CellposeSAMNet(nn.Module):
-    """Encoder → 1×1 conv to nout·patch² channels → pixel-shuffle(patch): (dY, dX, cellprob)."""
+    """Encoder → 1×1 conv to nout·patch² channels → pixel-shuffle(patch): (dY, dX, cellprob); with
+    ``cfg.skip`` a :class:`FullResRefine` path then corrects that output at full resolution."""
 
     def __init__(self, cfg: NetConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.out = nn.Conv2d(cfg.neck_dim, cfg.nout * cfg.patch**2, kernel_size=1)
+        self.refine = FullResRefine(cfg) if cfg.skip else None
+        self.size = nn.Linear(cfg.neck_dim, 1) if cfg.size_head else None
 
     def forward(self, x: torch.Tensor, layer_drop: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, in_chans, tile, tile) → (B, nout, tile, tile); ``layer_drop`` as in :meth:`Encoder.forward`."""
+        return self.forward_features(x, layer_drop, generator)[0]
+
+    def forward_features(
+        self, x: torch.Tensor, layer_drop: float = 0.0, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(outputs (B, nout, tile, tile), neck features (B, neck_dim, tile/patch, tile/patch)) of a batch."""
         if x.shape[1:] != (self.cfg.in_chans, self.cfg.tile, self.cfg.tile):
             raise ValueError(
                 f"expected input (B, {self.cfg.in_chans}, {self.cfg.tile}, {self.cfg.tile}), got {tuple(x.shape)}"
             )
-        return F.pixel_shuffle(self.out(self.encoder(x, layer_drop, generator)), self.cfg.patch)
+        feats = self.encoder(x, layer_drop, generator)
+        y = F.pixel_shuffle(self.out(feats), self.cfg.patch)
+        return (y if self.refine is None else self.refine(x, feats, y)), feats
 
 
 def build_net(cfg: NetConfig | str = "large") -> CellposeSAMNet:
     """A randomly initialised network for a config or a variant name."""
     return CellposeSAMNet(variant(cfg) if isinstance(cfg, str) else cfg)
+
+
+def grown(net: CellposeSAMNet, **changes) -> CellposeSAMNet:
+    """A copy of ``net`` whose config has ``changes`` that only add parts (``skip``, ``size_head``): every
+    weight of ``net`` is carried over (strictly), the new parts keep their initialisation."""
+    out = CellposeSAMNet(replace(net.cfg, **changes))
+    new, old = out.state_dict(), net.state_dict()
+    lost = sorted(k for k in old if k not in new or new[k].shape != old[k].shape)
+    if lost:
+        raise ValueError(f"{changes} would drop or reshape weights of the network: {', '.join(lost[:5])}")
+    out.load_state_dict({**new, **old})
+    return out
+
+
+def with_refine(net: CellposeSAMNet, channels: int) -> CellposeSAMNet:
+    """A copy of ``net`` with a new :class:`FullResRefine` path of ``channels`` (its outputs are ``net``'s
+    until the path trains); ``net`` must not have one yet."""
+    if net.cfg.skip:
+        raise ValueError(f"the network already has a full-resolution path ({net.cfg.skip} channels)")
+    return grown(net, skip=channels)

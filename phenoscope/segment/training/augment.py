@@ -107,7 +107,7 @@ def degrade(image: np.ndarray, rng: np.random.Generator, cfg: SegAugmentConfig, 
     """One degradation of (C, H, W) (``kind``, or a random one of :data:`DEGRADATIONS`), then renormalisation."""
     kind = kind or DEGRADATIONS[rng.integers(len(DEGRADATIONS))]
     if kind == "poisson":
-        out = poisson_noise(image, rng, _log_uniform(rng, cfg.poisson_peak))
+        out = poisson_noise(image, rng, log_uniform(rng, cfg.poisson_peak))
     elif kind == "blur":
         out = gaussian_blur(image, rng.uniform(*cfg.blur_sigma))
     elif kind == "downsample":
@@ -153,10 +153,13 @@ def color_augment(image: np.ndarray, rng: np.random.Generator, cfg: SegAugmentCo
 
 def augment_sample(
     image: np.ndarray, flows: np.ndarray, mask: np.ndarray, diam: float, tile: int,
-    rng: np.random.Generator, cfg: SegAugmentConfig,
+    rng: np.random.Generator, cfg: SegAugmentConfig, f: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One ``tile``² training tile: (image (C, t, t), target (3, t, t) = (foreground, dY, dX) unit flows)."""
-    f = _log_uniform(rng, cfg.scale_range)
+    """One ``tile``² training tile: (image (C, t, t), target (3, t, t) = (foreground, dY, dX) unit flows).
+
+    ``f``: the resize draw (cells become ``diam_mean · f`` px across); None draws it from ``scale_range``.
+    """
+    f = log_uniform(rng, cfg.scale_range) if f is None else f
     scale = cfg.diam_mean * f / diam if diam > 0 else f
     a, offset, m = random_affine(image.shape[1:], tile, scale, rng, cfg.rotate)
     img = warp(image, a, offset, tile, order=1)
@@ -168,6 +171,6 @@ def augment_sample(
     return img, np.concatenate([fg[None], flw]).astype(np.float32)
 
 
-def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+def log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
     lo, hi = bounds
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))

@@ -101,13 +101,24 @@ def to_samples(read: list[tuple[np.ndarray, np.ndarray]], cache_dir: Path | None
             for image, labels in tqdm(read, desc="flows", unit="image", disable=not progress, leave=False)]
 
 
-def split_pairs(pairs: list[tuple[Path, Path]], val_ids: str = "", val_fraction: float = 0.1, seed: int = 0) -> tuple[list, list]:
-    """(train, val) pairs: the stems listed in the file ``val_ids``, else a ``val_fraction`` drawn with ``seed``."""
+def read_ids(path: str | Path) -> set[str]:
+    """The image stems listed in a file, one per line (blank lines and ``#`` comments skipped)."""
+    return {s.strip() for s in Path(path).read_text().splitlines() if s.strip() and not s.startswith("#")}
+
+
+def split_pairs(pairs: list[tuple[Path, Path]], val_ids: str = "", val_fraction: float = 0.1, seed: int = 0,
+                exclude_ids: str = "") -> tuple[list, list]:
+    """(train, val) pairs: the stems listed in the file ``val_ids``, else a ``val_fraction`` drawn with ``seed``.
+
+    The stems listed in ``exclude_ids`` are in neither (e.g. a test split kept out of model selection)."""
+    if exclude_ids:
+        excluded = read_ids(exclude_ids)
+        pairs = [p for p in pairs if p[0].stem not in excluded]
     if val_ids:
-        wanted = {s.strip() for s in Path(val_ids).read_text().splitlines() if s.strip() and not s.startswith("#")}
+        wanted = read_ids(val_ids)
         unknown = wanted - {p[0].stem for p in pairs}
         if unknown:
-            raise ValueError(f"{len(unknown)} validation id(s) in {val_ids} have no image, e.g. {sorted(unknown)[:3]}")
+            raise ValueError(f"{len(unknown)} validation id(s) in {val_ids} have no image (or are excluded), e.g. {sorted(unknown)[:3]}")
         val = [p for p in pairs if p[0].stem in wanted]
     else:
         n_val = int(round(val_fraction * len(pairs)))

@@ -9,23 +9,28 @@
 4. train with the generic loop (:mod:`phenoscope.train.loop`) on :class:`CellposeLoss` — MSE on
    5·flows / 2 + BCE on the cell probability, as cellpose — with true layer drop, AdamW and
    cellpose's warm-up + step-decay schedule; validation AP@0.5 every ``val_every`` epochs;
-5. write the trained network as the self-describing checkpoint ``model.safetensors``.
+5. fit the size head (:mod:`phenoscope.segment.size`) on augmented training tiles of known cell diameter;
+6. write the trained network as the self-describing checkpoint ``model.safetensors``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from phenoscope.config import to_dict
 from phenoscope.core.io import atomic_write
 from phenoscope.segment.net import CellposeSAMNet, build_net
-from phenoscope.segment.training.augment import SegAugmentConfig
-from phenoscope.segment.training.data import SegmentationDataset, find_pairs, read_pairs, split_pairs, to_samples
+from phenoscope.segment.size import SizeFit
+from phenoscope.segment.training.augment import SegAugmentConfig, augment_sample, log_uniform
+from phenoscope.segment.training.data import Sample, SegmentationDataset, find_pairs, read_pairs, split_pairs, to_samples
 from phenoscope.segment.training.objective import CellposeLoss
 from phenoscope.train.loop import TrainConfig
 
@@ -52,10 +57,13 @@ class SegTrainConfig:
 
     model: str = "tiny"  # variant name (nano, tiny, small, large) or a weights file to fine-tune
     init_backbone: str = ""  # seg-encoder checkpoint (phenoscope pretrain --backbone seg-<variant>) for the encoder
+    skip: int = 0  # channels of a full-resolution refinement path to add (segment.net.FullResRefine); 0 = none
+    size_tiles: int = 2048  # augmented tiles to fit the size head on after training (segment.size); 0 = no size head
     layer_drop: float = 0.0  # max per-block drop probability (cellpose-SAM trains cpsam with 0.4)
     min_images_per_epoch: int = 8  # small sets are repeated up to this many samples per epoch
     val_fraction: float = 0.1  # used when no val_ids file is given
     val_ids: str = ""  # file with one validation image stem per line
+    exclude_ids: str = ""  # file of image stems used neither for training nor validation (a held-out test split)
     val_every: int = 5  # epochs between validation runs (0: never)
     val_max_images: int = 0  # 0: all validation images
     cache_dir: str = ""  # flow cache (default: <out>/flow_cache)
@@ -63,17 +71,40 @@ class SegTrainConfig:
     train: SegLoopConfig = field(default_factory=SegLoopConfig)
 
 
-def initial_network(model: str, init_backbone: str = "") -> CellposeSAMNet:
+def initial_network(model: str, init_backbone: str = "", skip: int = 0) -> CellposeSAMNet:
     """A random network of a named variant, or one loaded from a weights file (to fine-tune); with
     ``init_backbone``, its encoder is then replaced, strictly, by a pretrained ``seg-encoder`` checkpoint
-    whose config must match the network's (``ValueError`` naming the file otherwise)."""
+    whose config must match the network's (``ValueError`` naming the file otherwise). ``skip`` > 0 adds a
+    full-resolution refinement path of that many channels (a loaded network keeps its outputs at first)."""
     from phenoscope.segment.checkpoint import load_encoder_into, load_network
-    from phenoscope.segment.net import VARIANTS
+    from phenoscope.segment.net import VARIANTS, variant, with_refine
 
-    net = build_net(model) if model in VARIANTS else load_network(model)
+    net = build_net(variant(model, skip=skip)) if model in VARIANTS else load_network(model)
     if init_backbone:
         load_encoder_into(net, init_backbone)
+    if skip and net.cfg.skip != skip:
+        net = with_refine(net, skip)
     return net
+
+
+def fit_size(
+    net: CellposeSAMNet, samples: list[Sample], cfg: SegAugmentConfig, tiles: int = 2048, seed: int = 0
+) -> tuple[CellposeSAMNet, SizeFit]:
+    """Fit ``net``'s size head (added if missing) on ``tiles`` augmented tiles of the samples with cells:
+    each is resized so that its cells are ``diam_mean · f`` px across, f drawn from ``cfg.scale_range``.
+    Returns (network, fit record)."""
+    from phenoscope.segment.size import fit_size_head
+
+    usable = [s for s in samples if s.diameter > 0]
+    if not usable:
+        raise ValueError("no training image has cells: the size head cannot be fitted (set size_tiles = 0)")
+
+    def draw(rng: np.random.Generator, i: int) -> tuple[np.ndarray, float]:
+        s, f = usable[i], log_uniform(rng, cfg.scale_range)
+        image, _ = augment_sample(s.image, s.flows, s.labels > 0, s.diameter, net.cfg.tile, rng, cfg, f=f)
+        return image, cfg.diam_mean * f
+
+    return fit_size_head(net, draw, len(usable), tiles, seed=seed)
 
 
 def train_segmentation(
@@ -89,8 +120,9 @@ def train_segmentation(
     out_dir = Path(out_dir)
     rank, _, _ = setup_distributed()
     torch.manual_seed(cfg.train.seed)
-    net = initial_network(cfg.model, cfg.init_backbone)
-    train_pairs, val_pairs = split_pairs(find_pairs(images, labels), cfg.val_ids, cfg.val_fraction, cfg.train.seed)
+    net = initial_network(cfg.model, cfg.init_backbone, cfg.skip)
+    train_pairs, val_pairs = split_pairs(find_pairs(images, labels), cfg.val_ids, cfg.val_fraction, cfg.train.seed,
+                                        cfg.exclude_ids)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "flow_cache"
     train_read, val_read = read_pairs(train_pairs, net.cfg), read_pairs(val_pairs, net.cfg)  # all checked before any write
     samples = to_samples(train_read, cache, progress=rank == 0)
@@ -107,8 +139,15 @@ def train_segmentation(
     objective = CellposeLoss(net, cfg.layer_drop, cfg.train.seed, val, cfg.val_every)
     summary = train(objective, dataset, cfg.train, out_dir, resume)
     if rank == 0 and summary["finished"]:
+        net = net.cpu()
+        if cfg.size_tiles:
+            try:
+                net, fit = fit_size(net, samples, cfg.augment, cfg.size_tiles, cfg.train.seed)
+                summary["size_fit"] = dataclasses.asdict(fit)
+            except ValueError as err:  # too few cells: the trained flows are still worth saving
+                warnings.warn(f"size head not fitted ({err}); the model segments at native size by default", stacklevel=2)
         record = provenance(config=to_dict(cfg), images=str(images), labels=str(labels))
-        save_model(net.cpu(), out_dir / "model.safetensors", record)
+        save_model(net, out_dir / "model.safetensors", record)
     if dist.is_initialized():
         dist.barrier()
     return {**summary, "n_train": len(train_pairs), "n_val": len(val_pairs)}
