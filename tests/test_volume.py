@@ -77,3 +77,37 @@ def test_volume_axes_resize_and_errors():
         volume_input(vol, z_axis=4)
     with pytest.raises(ValueError, match="ZYX or 4D"):
         volume_input(vol[0, 0])
+
+
+def test_cli_segments_a_volume_as_the_api_does(tmp_path, dsb_dir, capsys):
+    """``phenoscope segment --do-3d`` writes the same (Z, Y, X) masks as ``segment_3d`` and a 3D cell table;
+    a Z axis out of range is reported per file, 2D-only outputs and ``classic`` are refused before any work."""
+    import pandas as pd
+    import tifffile
+
+    from phenoscope.cli import main
+    from phenoscope.core.io import imwrite_tiff
+    from phenoscope.segment import load_model
+
+    vol = np.moveaxis(_volume(dsb_dir, depth=6, size=(48, 40))[..., 0], 0, 1)  # (Y, Z, X): Z on axis 1
+    imwrite_tiff(tmp_path / "vol.tif", vol)
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "vol.tif"), "--out", str(out), "--do-3d", "--z-axis", "1",
+                 "--anisotropy", "1.5", "--diameter", "20"]) == 0
+    masks = tifffile.imread(out / "vol_masks.tif")
+    expected = load_model().segment_3d(vol, z_axis=1, diameter=20, anisotropy=1.5).masks
+    assert masks.shape == (6, 48, 40) and masks.max() > 0 and np.array_equal(masks, expected)
+    cells = pd.read_csv(out / "vol_cells.csv")
+    assert len(cells) == masks.max() and {"centroid_z", "bbox_z1", "mean_intensity_c0"} <= set(cells.columns)
+    assert (cells["area"].to_numpy() == np.bincount(masks.ravel())[1:][np.bincount(masks.ravel())[1:] > 0]).all()
+    capsys.readouterr()
+    assert main(["segment", str(tmp_path / "vol.tif"), "--out", str(tmp_path / "bad"), "--do-3d", "--z-axis", "3",
+                 "--diameter", "20"]) == 1
+    assert "z_axis=3 is out of range" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "vol_masks.tif").exists()
+    for extra, problem in ((["--save-outlines"], "outlines: 2D outputs"), (["--model", "classic"], "2D images only"),
+                           (["--diameter", "auto"], "'auto' is 2D only")):
+        assert main(["segment", str(tmp_path / "vol.tif"), "--out", str(tmp_path / "no"), "--do-3d", *extra]) == 2
+        assert problem in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "vol.tif"), "--out", str(tmp_path / "no"), "--z-axis", "1"]) == 2
+    assert "volumes only" in capsys.readouterr().err

@@ -32,7 +32,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="'default' (the shipped model), a weights file (.safetensors of ours, or a cellpose cpsam "
                         "file), or 'classic' (Otsu + watershed)")
     p.add_argument("--diameter", type=_diameter, default=None,
-                   help="typical cell diameter in px (resizes to 30 px), or 'auto': estimated from a first pass")
+                   help="typical cell diameter in px (resizes to 30 px), or 'auto': measured on the masks of a first pass "
+                        "(default: the model's own size estimate; native size for a model without a size head)")
     p.add_argument("--flow-threshold", type=float, default=0.4)
     p.add_argument("--cellprob-threshold", type=float, default=0.0)
     p.add_argument("--min-size", type=int, default=15, help="smallest mask kept, in px")
@@ -41,6 +42,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--channel-axis", type=int, default=None, help="channel axis of the images (default: guess)")
+    p.add_argument("--do-3d", action="store_true",
+                   help="the inputs are volumes (ZYX or 4D with channels): 3D masks from the network's YX, ZY and ZX planes")
+    p.add_argument("--z-axis", type=int, default=None, help="with --do-3d: the Z axis of the volumes (default 0)")
+    p.add_argument("--anisotropy", type=float, default=None,
+                   help="with --do-3d: Z spacing / XY spacing (e.g. 2 when planes are twice as far apart as pixels)")
     p.add_argument("--overwrite", action="store_true",
                    help="redo images whose outputs exist, also when they come from another model or parameters")
     p.add_argument("--save-seg", action="store_true", help="also write a cellpose-compatible <stem>_seg.npy")
@@ -62,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from phenoscope.segment.options import MaskOptions
 
     params = SegmentParams(args.diameter, MaskOptions(args.flow_threshold, args.cellprob_threshold, args.min_size),
-                           args.tile_overlap, args.tta, args.channel_axis, args.batch_size)
+                           args.tile_overlap, args.tta, args.channel_axis, args.batch_size, args.do_3d,
+                           0 if args.z_axis is None else args.z_axis, args.anisotropy)  # ValueError: one line, exit 2
     save = [kind for kind in ("seg", "outlines", "rois", "geojson") if getattr(args, f"save_{kind}")]
     cp_names = None if args.cp_names is None else [n for n in args.cp_names.split(",") if n]
     try:

@@ -43,6 +43,8 @@ __all__ = [
     "ImageSummary",
     "SegmentJob",
     "SegmentParams",
+    "VOLUME_OUTPUTS",
+    "check_volume_options",
     "load_segmenter",
     "manifest_for",
     "parse_diameter",
@@ -63,8 +65,13 @@ Segmenter = Callable[[np.ndarray], tuple]
 class SegmentParams:
     """Options of one segmentation run (sizes in px).
 
+    do_3d: each file is a volume (ZYX, or 4D with channels; ``z_axis`` says which axis is Z), segmented in
+    3D with the 2D network on its three plane orientations; ``anisotropy`` is Z spacing / XY spacing.
+    Volumes are segmented at native size unless ``diameter`` (px) is given.
+
     diameter: typical cell diameter (images are resized so it becomes the model's 30 px), ``"auto"``
-    (estimated from a first pass) or None (native size). ``batch_size`` (256² tiles per forward pass)
+    (measured on the masks of a first pass) or None (the model's size estimate, or native size for a model
+    without a size head). ``batch_size`` (256² tiles per forward pass)
     does not change masks; every other field does and is recorded in the manifest.
     """
 
@@ -74,6 +81,17 @@ class SegmentParams:
     tta: bool = False
     channel_axis: int | None = None
     batch_size: int = 8
+    do_3d: bool = False  # volumes: flows from the YX, ZY and ZX planes, then 3D dynamics (cellpose's do_3D)
+    z_axis: int = 0  # the volume's Z axis (with do_3d)
+    anisotropy: float | None = None  # Z spacing / XY spacing (with do_3d)
+
+    def __post_init__(self) -> None:
+        if self.do_3d and isinstance(self.diameter, str):
+            raise ValueError("diameter 'auto' is 2D only; give the diameter in px for a volume")
+        if not self.do_3d and (self.z_axis != 0 or self.anisotropy is not None):
+            raise ValueError("z_axis and anisotropy apply to volumes only (do_3d)")
+        if self.anisotropy is not None and not self.anisotropy > 0:
+            raise ValueError(f"anisotropy must be > 0, got {self.anisotropy}")
 
 
 @dataclass(frozen=True)
@@ -131,7 +149,8 @@ def manifest_for(model: str | Path, params: SegmentParams) -> dict[str, Any]:
     else:
         weights = _weights_file(model)
         identity = {"model": str(weights.resolve()), "sha256": _sha256(weights)}
-        parameters = {k: v for k, v in asdict(params).items() if k != "batch_size"}
+        volume_only = () if params.do_3d else ("do_3d", "z_axis", "anisotropy")  # 2D manifests keep their keys
+        parameters = {k: v for k, v in asdict(params).items() if k != "batch_size" and k not in volume_only}
     return {**identity, "parameters": parameters, "phenoscope": __version__}
 
 
@@ -203,7 +222,11 @@ class _Network:
 
     def __call__(self, image: np.ndarray) -> tuple:
         p = self.params
-        res = self.model.segment(image, p.channel_axis, p.diameter, p.options, p.tile_overlap, p.batch_size, p.tta)
+        if p.do_3d:
+            res = self.model.segment_3d(image, p.z_axis, p.channel_axis, p.diameter, p.anisotropy, p.options,
+                                        p.tile_overlap, p.batch_size, p.tta)
+        else:
+            res = self.model.segment(image, p.channel_axis, p.diameter, p.options, p.tile_overlap, p.batch_size, p.tta)
         return res.masks, res.flows, res.cellprob, res.diameter
 
 
@@ -214,19 +237,36 @@ def _suffixes(save: Sequence[str]) -> tuple[str, ...]:
     return tuple(s for kind, s in OUTPUTS.items() if kind in ("masks", "cells") or kind in save)
 
 
+VOLUME_OUTPUTS = ("masks", "cells")  # what a 3D run writes; the other outputs are 2D views
+
+
+def check_volume_options(model: str | Path, save: Sequence[str], cp_names: Sequence[str] | None) -> None:
+    """``InputError`` if a 3D run asks for the classical model or for an output that is 2D only."""
+    if str(model) == "classic":
+        raise InputError("model classic segments 2D images only; use a network for volumes (--do-3d)")
+    flat = sorted(set(save) - set(VOLUME_OUTPUTS)) + (["cp-names"] if cp_names is not None else [])
+    if flat:
+        raise InputError(f"{', '.join(flat)}: 2D outputs, not written for volumes (--do-3d writes masks and cells)")
+
+
 def segment_file(path: str | Path, out_dir: str | Path, segmenter: Segmenter, channel_axis: int | None = None,
-                 save: Sequence[str] = (), cp_names: Sequence[str] | None = None) -> ImageSummary:
+                 save: Sequence[str] = (), cp_names: Sequence[str] | None = None, z_axis: int | None = None) -> ImageSummary:
     """Segment one image file and write ``<out_dir>/<stem>_masks.tif``, ``_cells.csv`` and the ``save``
     extras (``seg``, ``outlines``, ``rois``, ``geojson`` for QuPath). ``cp_names`` (channel names, may be
-    empty) writes the cell table with CellProfiler's column names instead. Raises ``ValueError`` naming
-    the problem for a bad image."""
+    empty) writes the cell table with CellProfiler's column names instead. ``z_axis`` (not None) marks
+    the file as a volume for a 3D segmenter: (Z, Y, X) masks and a 3D cell table. Raises ``ValueError``
+    naming the problem for a bad image."""
     from phenoscope.segment import outputs
     from phenoscope.segment.preprocess import to_yxc
+    from phenoscope.segment.volume import to_zyxc
 
     path, out_dir = Path(path), Path(out_dir)
     _suffixes(save)
     image = imread(path)
-    yxc = to_yxc(image, channel_axis, max_channels=image.size)  # validates axes; keeps all channels
+    if z_axis is None:
+        yxc = to_yxc(image, channel_axis, max_channels=image.size)  # validates axes; keeps all channels
+    else:
+        yxc = to_zyxc(image, z_axis, channel_axis)  # (Z, Y, X, C): the cell table's intensities
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         masks, flows, cellprob, diameter = segmenter(image)  # raises on NaN/inf (normalisation)
@@ -262,9 +302,11 @@ class SegmentJob:
     channel_axis: int | None = None
     save: tuple[str, ...] = ()
     cp_names: tuple[str, ...] | None = None
+    z_axis: int | None = None  # volumes (3D segmenter)
 
     def __call__(self, item: Item) -> ImageSummary:
-        return segment_file(item.source, self.out_dir, self.segmenter, self.channel_axis, self.save, self.cp_names)
+        return segment_file(item.source, self.out_dir, self.segmenter, self.channel_axis, self.save, self.cp_names,
+                            self.z_axis)
 
 
 def segment_files(
@@ -284,21 +326,24 @@ def segment_files(
     """Segment files, folders and globs into ``out_dir`` (see the module docstring); resumable.
 
     Before any model is loaded, raises :class:`phenoscope.batch.InputError` for missing inputs,
-    same-stem inputs, an unwritable ``out_dir``, a model file that does not exist, or a manifest of
-    another run. ``threads`` > 0 sets torch's CPU threads (in every worker process too). Per-file
+    same-stem inputs, an unwritable ``out_dir``, a model file that does not exist, a manifest of
+    another run, or (``params.do_3d``) the classical model or a 2D-only output. ``threads`` > 0 sets torch's CPU threads (in every worker process too). Per-file
     failures are in the report; SIGINT / SIGTERM raise ``BatchInterrupted``.
     """
     out_dir = Path(out_dir)
     files = collect_inputs(inputs, exclude=tuple(OUTPUTS.values()))
     check_writable(out_dir)
     items = plan(files, out_dir, _suffixes(save))
+    if params.do_3d:
+        check_volume_options(model, save, cp_names)
     manifest = manifest_for(model, params)
     check_manifest(out_dir, manifest, items, overwrite)
     if threads:
         _set_threads(threads)
     segmenter = load_segmenter(model, params, device)
     write_manifest(out_dir, manifest)
-    job = SegmentJob(segmenter, out_dir, params.channel_axis, tuple(save), None if cp_names is None else tuple(cp_names))
+    job = SegmentJob(segmenter, out_dir, params.channel_axis, tuple(save), None if cp_names is None else tuple(cp_names),
+                     params.z_axis if params.do_3d else None)
     executor = make_executor(workers, partial(_set_threads, threads) if threads else None)
     return run_batch(items, job, executor, overwrite, progress, "segment", on_done)
 

@@ -35,17 +35,22 @@ def cell_table(masks: np.ndarray, image_yxc: np.ndarray, image_name: str | None 
     """One row per cell: ``image`` (the source file name, if given), label, area (px), centroid (y, x),
     bbox (y0, x0, y1, x1; half-open), shape (perimeter in px, eccentricity, solidity, major and minor
     axis lengths in px) and the mean intensity of each channel of the raw (H, W, C) image
-    (columns ``mean_intensity_c<k>``)."""
+    (columns ``mean_intensity_c<k>``).
+
+    3D masks (Z, Y, X) with a (Z, Y, X, C) image give area in voxels, centroid (z, y, x), bbox
+    (z0, y0, x0, z1, y1, x1) and the channel means; the 2D shape measures are left out."""
     from skimage.measure import regionprops_table
 
+    axes = "zyx"[-masks.ndim:]
     table = regionprops_table(
         masks.astype(np.int64, copy=False),
         intensity_image=image_yxc.astype(np.float32, copy=False),
-        properties=("label", "area", "centroid", "bbox", *SHAPE_PROPERTIES, "intensity_mean"),
+        properties=("label", "area", "centroid", "bbox", *(SHAPE_PROPERTIES if masks.ndim == 2 else ()), "intensity_mean"),
     )
     df = pd.DataFrame(table)
-    names = {"centroid-0": "centroid_y", "centroid-1": "centroid_x", "bbox-0": "bbox_y0", "bbox-1": "bbox_x0",
-             "bbox-2": "bbox_y1", "bbox-3": "bbox_x1"}
+    names = {f"centroid-{i}": f"centroid_{a}" for i, a in enumerate(axes)}
+    names.update({f"bbox-{i}": f"bbox_{a}0" for i, a in enumerate(axes)})
+    names.update({f"bbox-{i + len(axes)}": f"bbox_{a}1" for i, a in enumerate(axes)})
     names.update({f"intensity_mean-{c}": f"mean_intensity_c{c}" for c in range(image_yxc.shape[-1])})
     df = df.rename(columns=names)
     if "intensity_mean" in df:  # single-channel images

@@ -24,14 +24,9 @@ from phenoscope.segment.preprocess import merge_identical_channels, resize_chw
 ORIENTATIONS = (("YX", 1, (1, 2)), ("ZY", 2, (0, 2)), ("ZX", 3, (0, 1)))  # axis of the (C, Z, Y, X) input
 
 
-def volume_input(volume: np.ndarray, z_axis: int = 0, channel_axis: int | None = None, in_chans: int = 3,
-                 merge_identical: bool = False) -> np.ndarray:
-    """(C ≤ in_chans, Z, Y, X) float32 as the network sees a volume: its first ``in_chans`` channels,
-    each 1–99 % percentile-normalised over the whole volume (cellpose's ``norm3D``).
-
-    ``volume``: ZYX, or 4D with a channel axis (given, or guessed from the other three axes as for a 2D
-    image). Raises ``ValueError`` naming the problem for bad axes or NaN/inf.
-    """
+def to_zyxc(volume: np.ndarray, z_axis: int = 0, channel_axis: int | None = None) -> np.ndarray:
+    """A volume as (Z, Y, X, C), a view of the input: ZYX gets C = 1; 4D takes its channel axis as given, or
+    guessed from the other three axes as for a 2D image. ``ValueError`` naming the problem for bad axes."""
     volume = np.asarray(volume)
     if volume.ndim not in (3, 4):
         raise ValueError(f"a 3D volume is ZYX or 4D with channels, got shape {volume.shape}")
@@ -41,15 +36,25 @@ def volume_input(volume: np.ndarray, z_axis: int = 0, channel_axis: int | None =
     if volume.ndim == 3:
         if channel_axis is not None:
             raise ValueError(f"channel_axis={channel_axis} given for a ZYX volume of shape {volume.shape}")
-        zyxc = np.moveaxis(volume, z_axis, 0)[..., None]
-    else:
-        if channel_axis is None:
-            rest = [a for a in range(4) if a != z_axis]
-            guess = guess_channel_axis(tuple(volume.shape[a] for a in rest))
-            channel_axis = rest[guess]
-        if not -4 <= channel_axis < 4 or channel_axis % 4 == z_axis:
-            raise ValueError(f"channel_axis={channel_axis} is out of range or equals z_axis for shape {volume.shape}")
-        zyxc = np.moveaxis(volume, [z_axis, channel_axis % 4], [0, -1])
+        return np.moveaxis(volume, z_axis, 0)[..., None]
+    if channel_axis is None:
+        rest = [a for a in range(4) if a != z_axis]
+        guess = guess_channel_axis(tuple(volume.shape[a] for a in rest))
+        channel_axis = rest[guess]
+    if not -4 <= channel_axis < 4 or channel_axis % 4 == z_axis:
+        raise ValueError(f"channel_axis={channel_axis} is out of range or equals z_axis for shape {volume.shape}")
+    return np.moveaxis(volume, [z_axis, channel_axis % 4], [0, -1])
+
+
+def volume_input(volume: np.ndarray, z_axis: int = 0, channel_axis: int | None = None, in_chans: int = 3,
+                 merge_identical: bool = False) -> np.ndarray:
+    """(C ≤ in_chans, Z, Y, X) float32 as the network sees a volume: its first ``in_chans`` channels,
+    each 1–99 % percentile-normalised over the whole volume (cellpose's ``norm3D``).
+
+    ``volume``: ZYX, or 4D with a channel axis (see :func:`to_zyxc`). Raises ``ValueError`` naming the
+    problem for bad axes or NaN/inf.
+    """
+    zyxc = to_zyxc(volume, z_axis, channel_axis)
     if zyxc.dtype.kind not in "biuf":
         raise ValueError(f"unsupported volume dtype {zyxc.dtype}")
     zyxc = zyxc[..., :in_chans]
