@@ -11,6 +11,7 @@ import tifffile
 from PIL import Image
 
 from phenoscope.cli import main
+from phenoscope.core.checkpoint import read_checkpoint
 from phenoscope.datasets import dsb_image, dsb_labels
 from phenoscope.eval.segmentation import average_precision, error_rate
 from phenoscope.segment import load_model, segment_classic
@@ -25,8 +26,8 @@ def _val_ids() -> list[str]:
 
 def test_default_model_ships_small_with_card_and_split():
     assert DEFAULT_MODEL.stat().st_size <= 30 * 2**20
-    meta = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
-    assert meta["config"]["depth"] == 6 and meta["config"]["tile"] == 128
+    config = read_checkpoint(DEFAULT_MODEL).config
+    assert config["depth"] == 6 and config["tile"] == 128 and config["size_head"]
     card = (DEFAULT_MODEL.parent / "default.md").read_text()
     assert "phenoscope train" in card and "AP@0.5" in card
     assert len(_val_ids()) == 82
@@ -61,15 +62,37 @@ def test_segment_cli_uses_the_default_model_offline(dsb_dir, tmp_path):
     assert np.array_equal(masks, load_model().segment(dsb_image(dsb_dir, image_id)).masks)
 
 
+def test_default_segment_resizes_by_the_size_head(dsb_dir):
+    """The shipped model has a size head: with no diameter, each image is resized by its estimate, which
+    must be within 30 % of the true median diameter on most held-out images of every size."""
+    from phenoscope.segment.flows import diameter
+
+    model = load_model()
+    assert model.net.size is not None
+    ids = _val_ids()[::4]
+    ratios = []
+    for image_id in ids:
+        image, truth = dsb_image(dsb_dir, image_id), dsb_labels(dsb_dir, image_id)
+        estimate = model.estimate_diameter(image)
+        ratios.append(estimate / diameter(truth))
+    ratios = np.array(ratios)
+    assert np.mean(np.abs(np.log(ratios)) < np.log(1.3)) >= 0.8, ratios.round(2)
+    image = dsb_image(dsb_dir, ids[0])
+    res = model.segment(image)
+    assert res.diameter == pytest.approx(model.estimate_diameter(image))
+    assert np.array_equal(res.masks, model.segment(image, diameter=res.diameter).masks)
+
+
 def test_auto_diameter_measures_cells_then_resizes(dsb_dir, tmp_path):
     from phenoscope.segment.flows import diameter
 
     model = load_model()
     image_id = min(_val_ids(), key=lambda i: diameter(dsb_labels(dsb_dir, i)) or np.inf)  # the smallest nuclei
     image, truth = dsb_image(dsb_dir, image_id), dsb_labels(dsb_dir, image_id)
-    native = model.segment(image)
+    native = model.segment(image, diameter=model.cfg.diam_mean)  # resize factor 1
     auto = model.segment(image, diameter="auto")
-    assert native.diameter is None
+    first = model.predict_masks(image)  # auto's first pass: native size, no estimate
+    assert np.array_equal(first.masks, native.masks)
     assert auto.diameter == pytest.approx(max(diameter(native.masks), 30 / 4))
     assert abs(auto.diameter / diameter(truth) - 1) < 0.3, (auto.diameter, diameter(truth))
     assert np.array_equal(auto.masks, model.segment(image, diameter=auto.diameter).masks)

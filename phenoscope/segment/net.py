@@ -340,7 +340,8 @@ class FullResRefine(nn.Module):
     linear read-out per patch. This path adds two 3×3 convolutions on the input pixels, fuses them with
     the neck features upsampled to full resolution and the coarse output, and adds the result to the
     coarse output. Its last layer starts at zero, so a network gains the path without changing its
-    outputs (:func:`with_refine`). Cost: about ``30·skip²`` multiply-adds per pixel.
+    outputs (:func:`with_refine`). Cost per pixel: ≈ 3.2 k multiply-adds for ``skip = 8``, ≈ 10 k for 16
+    (+20 % and +47 % per nano tile on a 2-core CPU).
     """
 
     def __init__(self, cfg: NetConfig) -> None:

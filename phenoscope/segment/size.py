@@ -73,7 +73,8 @@ def estimate_diameter(net: CellposeSAMNet, image: np.ndarray, max_tiles: int, de
 @dataclass
 class SizeFit:
     """What :func:`fit_size_head` measured: tiles used, the ridge penalty chosen, and the held-out error
-    (RMS of log diameter, so 0.1 ≈ 10 %) of that choice on the tiles of held-out images."""
+    (RMS of log diameter, so 0.1 ≈ 10 %) of that choice on the tiles of held-out images (of the fitted
+    tiles when there are too few images to hold any out)."""
 
     tiles: int
     alpha: float
@@ -119,12 +120,13 @@ def fit_size_head(
     if len(x) < 2 * x.shape[1]:
         raise ValueError(f"only {len(x)} of {tiles} tiles hold cells; draw more tiles to fit the size head")
     held = np.isin(owners, rng.permutation(n_images)[: max(1, n_images // 5)])
-    if held.all() or not held.any():  # too few images to hold some out: score on the training tiles
-        held = np.ones(len(x), bool) if held.all() else held | True
+    fit_on, score_on = ~held, held
+    if held.all() or not held.any():  # too few images to hold some out: score on the fitted tiles
+        fit_on = score_on = np.ones(len(x), bool)
     errors = {}
     for alpha in alphas:
-        w, b = _ridge(x[~held], target[~held], alpha)
-        errors[alpha] = float(np.sqrt(np.mean((x[held] @ w + b - target[held]) ** 2)))
+        w, b = _ridge(x[fit_on], target[fit_on], alpha)
+        errors[alpha] = float(np.sqrt(np.mean((x[score_on] @ w + b - target[score_on]) ** 2)))
     best = min(errors, key=errors.get)
     w, b = _ridge(x, target, best)
     with torch.no_grad():
