@@ -13,6 +13,7 @@ perturbations of the Cellpose-SAM paper's Figure 3:
 - ``blur``: Gaussian blur, σ = 2 px
 
     python benchmarks/eval_default_model.py --threads 2 --robustness --out out/eval_default.json
+    python benchmarks/eval_default_model.py --threads 2 --robustness --perturbations resize0.5 resize2
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main() -> None:
     parser.add_argument("--split", default=str(ROOT / "phenoscope" / "models" / "dsb2018_val_ids.txt"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--robustness", action="store_true", help="also evaluate the perturbations")
+    parser.add_argument("--perturbations", nargs="+", choices=PERTURBATIONS[1:], default=None,
+                        help="with --robustness: only these perturbations (default: all)")
     parser.add_argument("--diameter", type=parse_diameter, default=None,
                         help="passed to model.segment: px, or 'auto' (default: native size)")
     parser.add_argument("--tta", action="store_true", help="passed to model.segment: average over tile flips")
@@ -91,7 +94,7 @@ def main() -> None:
     groups = index.loc[ids, "modality_heuristic"].to_numpy()
     model = load_model(args.model)
     results: dict = {"model": args.model, "diameter": args.diameter, "tta": args.tta, "n_images": len(ids), "split": args.split}
-    kinds = PERTURBATIONS if args.robustness else ("original",)
+    kinds = ("original", *(args.perturbations or PERTURBATIONS[1:])) if args.robustness else ("original",)
     methods = [("model", lambda im: model.segment(im, diameter=args.diameter, tta=args.tta).masks)] + [("classic", lambda im: segment_classic(im))]
     for kind in kinds:
         for name, seg in methods if kind == "original" else methods[:1]:
