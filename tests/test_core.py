@@ -93,12 +93,13 @@ SHIPPED_CONFIGS = sorted([*(REPO / "configs").rglob("*.toml"), *(REPO / "experim
 
 
 def _config_class(path: Path) -> type:
-    """The dataclass of a shipped config: by its folder (configs/segment, configs/ssl, experiments/*_ssl, ...)."""
+    """The dataclass of a shipped config: by its folder (configs/segment, configs/ssl, experiments/*_ssl,
+    experiments/seg_frontier, ...)."""
     from phenoscope.segment.training import SegTrainConfig
     from phenoscope.ssl.pretrain import PretrainConfig
 
     folder = path.relative_to(REPO).parts[1]
-    classes = {"segment": SegTrainConfig, "ssl": PretrainConfig, "jurkat_ssl": PretrainConfig}
+    classes = {"segment": SegTrainConfig, "ssl": PretrainConfig, "jurkat_ssl": PretrainConfig, "seg_frontier": SegTrainConfig}
     if folder == "profile":
         from phenoscope.profiling.pipeline import ProfileConfig
 
