@@ -38,13 +38,18 @@ def pooled_features(feats: torch.Tensor, cellprob: torch.Tensor, patch: int) -> 
     return pooled, mass
 
 
+def _tile_features(net: CellposeSAMNet, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, in_chans, tile, tile) tiles → :func:`pooled_features` of the network's own neck and cellprob."""
+    y, feats = net.forward_features(tiles)
+    return pooled_features(feats, y[:, 2], net.cfg.patch)
+
+
 @torch.no_grad()
 def tile_log_diameters(net: CellposeSAMNet, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, in_chans, tile, tile) normalised tiles → (log diameter in px (B,), vote weight (B,)) from ``net.size``."""
     if net.size is None:
         raise ValueError("this network has no size head (NetConfig.size_head); fit one with fit_size_head")
-    y, feats = net.forward_features(tiles)
-    pooled, mass = pooled_features(feats, y[:, 2], net.cfg.patch)
+    pooled, mass = _tile_features(net, tiles)
     return net.size(pooled)[:, 0], mass
 
 
@@ -109,8 +114,7 @@ def fit_size_head(
         for start in range(0, tiles, batch_size):
             drawn = [draw_tile(rng, int(i)) for i in owners[start:start + batch_size]]
             x = torch.from_numpy(np.stack([d[0] for d in drawn])).to(device)
-            y, f = net.forward_features(x)
-            pooled, mass = pooled_features(f, y[:, 2], net.cfg.patch)
+            pooled, mass = _tile_features(net, x)
             feats.append(pooled.cpu().numpy())
             masses.append(mass.cpu().numpy())
             targets.extend(np.log(d[1]) for d in drawn)
