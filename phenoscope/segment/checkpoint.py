@@ -53,6 +53,7 @@ def config_from_state(state: Mapping[str, torch.Tensor], diam_mean: float = 30.0
             diam_mean=diam_mean,
             skip=state["refine.stem.0.weight"].shape[0] if "refine.stem.0.weight" in state else 0,
             size_head="size.weight" in state,
+            classes=state["classify.weight"].shape[0] // patch**2 - 1 if "classify.weight" in state else 0,
         )
     except (KeyError, ValueError, IndexError) as err:
         raise ValueError(f"not a Cellpose-SAM state dict (cannot infer shapes: {err!r})") from err

@@ -9,16 +9,14 @@ cellpose padding) streamed through the network in batches → tapered blending �
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from phenoscope.core.device import resolve_device
-from phenoscope.core.tiling import TileGrid, blend_tile, flip_tile, read_tile, taper_mask, tile_grid, unflip_output
+from phenoscope.core.tiling import blend_tile, flip_tile, read_tile, taper_mask, tile_grid, unflip_output
 from phenoscope.segment.flows import diameter as median_diameter
 from phenoscope.segment.net import CellposeSAMNet
 from phenoscope.segment.options import MaskOptions
@@ -33,12 +31,6 @@ class SegmentResult:
     flows: np.ndarray  # (2, H, W) float32 (dY, dX) (3D: (3, Z, Y, X), dZ first) at the network's scale (≈ 5 × unit flows)
     cellprob: np.ndarray  # (H, W) (3D: (Z, Y, X)) float32 cell-probability logits
     diameter: float | None = None  # px: the cell diameter the image was resized for (given or estimated)
-
-
-def _batches(grid: TileGrid, size: int) -> Iterator[list[tuple[int, int, int, int]]]:
-    it = iter(grid)
-    while batch := list(islice(it, size)):
-        yield batch
 
 
 class CellposeSAM:
@@ -57,23 +49,32 @@ class CellposeSAM:
         return torch.autocast("cuda", dtype=dtype)
 
     def forward_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        """(B, in_chans, tile, tile) float32 → (B, nout, tile, tile) float32 network outputs."""
+        """(B, in_chans, tile, tile) float32 → (B, maps, tile, tile) float32 network outputs."""
         x = torch.from_numpy(tiles).to(self.device)
         with torch.inference_mode(), self._autocast():
             y = self.net(x)
         return y.float().cpu().numpy()
 
     def run_tiled(self, image: np.ndarray, tile_overlap: float = 0.1, batch_size: int = 8, tta: bool = False) -> np.ndarray:
-        """Network outputs (nout, H, W) for a normalised (C, H, W) image, blending streamed tile batches."""
+        """Network outputs (maps, H, W) for a normalised (C, H, W) image, blending streamed tile batches."""
+        grid = tile_grid(image.shape[1], image.shape[2], self.cfg.tile, tile_overlap, augment=tta)
+        return self.blend(image, list(grid), batch_size, tta)
+
+    def blend(self, image: np.ndarray, tiles: list[tuple[int, int, int, int]], batch_size: int = 8, tta: bool = False,
+              origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """Blended network outputs (maps, H, W) of ``tiles`` (grid row, column, y0, x0) over a normalised
+        (C, H, W) image whose top-left pixel sits at ``origin`` in the tiles' coordinates (a window of a
+        larger image: pixels every tile of whose layout is given get exactly that layout's outputs)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         t = self.cfg.tile
-        grid = tile_grid(image.shape[1], image.shape[2], t, tile_overlap, augment=tta)
         mask = taper_mask(t)
-        acc = np.zeros((self.cfg.nout, grid.ly, grid.lx), np.float32)
-        weight = np.zeros((grid.ly, grid.lx), np.float32)
+        acc = np.zeros((self.cfg.maps, *image.shape[1:]), np.float32)
+        weight = np.zeros(image.shape[1:], np.float32)
         buf = np.zeros((batch_size, self.cfg.in_chans, t, t), np.float32)
-        for batch in _batches(grid, batch_size):
+        placed = [(j, i, y0 - origin[0], x0 - origin[1]) for j, i, y0, x0 in tiles]
+        for start in range(0, len(placed), batch_size):
+            batch = placed[start:start + batch_size]
             for b, (j, i, y0, x0) in enumerate(batch):
                 read_tile(image, y0, x0, buf[b])
                 if tta:
@@ -94,6 +95,20 @@ class CellposeSAM:
         tta: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Flows (2, H, W) and cellprob logits (H, W) of an image, at its original size."""
+        y = self.predict_maps(image, channel_axis, diameter, tile_overlap, batch_size, tta)
+        return y[:2], y[2]
+
+    def predict_maps(
+        self,
+        image: np.ndarray,
+        channel_axis: int | None = None,
+        diameter: float | None = None,
+        tile_overlap: float = 0.1,
+        batch_size: int = 8,
+        tta: bool = False,
+    ) -> np.ndarray:
+        """All output maps (maps, H, W) of an image at its original size: dY, dX, cellprob, then the class
+        logits of a network with classes (:mod:`phenoscope.segment.semantic`)."""
         x = network_input(image, channel_axis, self.cfg.in_chans, self.cfg.merge_identical_channels)
         h, w = x.shape[1:]
         rescale = self.rescale(diameter)
@@ -104,8 +119,7 @@ class CellposeSAM:
             x = resize_chw(x, ly, lx)
         y = self.run_tiled(x, tile_overlap, batch_size, tta)
         del x
-        y = resize_chw(y, h, w)
-        return y[:2], y[2]
+        return resize_chw(y, h, w)
 
     def predict_3d(
         self,

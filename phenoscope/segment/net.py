@@ -5,7 +5,8 @@ names, so a cpsam state dict loads into it); ``small`` and ``tiny`` are narrower
 CPU users and for training on small machines.
 
 Input: (B, 3, 256, 256) float32 normalised images. Output: (B, 3, 256, 256) = (dY, dX, cellprob logits),
-with flows at the network's scale (≈ 5 × unit flows, as in cellpose).
+with flows at the network's scale (≈ 5 × unit flows, as in cellpose); a network with ``classes`` = K > 0
+appends K + 1 class logit maps (background, class 1..K; :mod:`phenoscope.segment.semantic`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ class NetConfig:
     skip: int = 0
     # a linear read-out of the cell diameter from the pooled neck features (:mod:`phenoscope.segment.size`)
     size_head: bool = False
+    # semantic classes K (:mod:`phenoscope.segment.semantic`): K > 0 appends K + 1 class logit maps
+    # (background, class 1..K) after the nout maps, read out from the neck by their own 1×1 conv; 0 = none
+    classes: int = 0
+
+    @property
+    def maps(self) -> int:
+        """Channels of the network's output: the ``nout`` maps (dY, dX, cellprob), then K + 1 class maps if any."""
+        return self.nout + (self.classes + 1 if self.classes else 0)
 
     @property
     def grid(self) -> int:
@@ -362,7 +371,9 @@ class FullResRefine(nn.Module):
 
 class CellposeSAMNet(nn.Module):
     """Encoder → 1×1 conv to nout·patch² channels → pixel-shuffle(patch): (dY, dX, cellprob); with
-    ``cfg.skip`` a :class:`FullResRefine` path then corrects that output at full resolution."""
+    ``cfg.skip`` a :class:`FullResRefine` path then corrects that output at full resolution. With
+    ``cfg.classes`` = K, a second 1×1 conv + pixel-shuffle (``classify``, not refined) appends K + 1 class
+    logit maps (background, class 1..K); :func:`phenoscope.segment.semantic.with_classes` initialises it."""
 
     def __init__(self, cfg: NetConfig) -> None:
         super().__init__()
@@ -371,22 +382,27 @@ class CellposeSAMNet(nn.Module):
         self.out = nn.Conv2d(cfg.neck_dim, cfg.nout * cfg.patch**2, kernel_size=1)
         self.refine = FullResRefine(cfg) if cfg.skip else None
         self.size = nn.Linear(cfg.neck_dim, 1) if cfg.size_head else None
+        self.classify = nn.Conv2d(cfg.neck_dim, (cfg.classes + 1) * cfg.patch**2, kernel_size=1) if cfg.classes else None
 
     def forward(self, x: torch.Tensor, layer_drop: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, in_chans, tile, tile) → (B, nout, tile, tile); ``layer_drop`` as in :meth:`Encoder.forward`."""
+        """(B, in_chans, tile, tile) → (B, maps, tile, tile); ``layer_drop`` as in :meth:`Encoder.forward`."""
         return self.forward_features(x, layer_drop, generator)[0]
 
     def forward_features(
         self, x: torch.Tensor, layer_drop: float = 0.0, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(outputs (B, nout, tile, tile), neck features (B, neck_dim, tile/patch, tile/patch)) of a batch."""
+        """(outputs (B, maps, tile, tile), neck features (B, neck_dim, tile/patch, tile/patch)) of a batch."""
         if x.shape[1:] != (self.cfg.in_chans, self.cfg.tile, self.cfg.tile):
             raise ValueError(
                 f"expected input (B, {self.cfg.in_chans}, {self.cfg.tile}, {self.cfg.tile}), got {tuple(x.shape)}"
             )
         feats = self.encoder(x, layer_drop, generator)
         y = F.pixel_shuffle(self.out(feats), self.cfg.patch)
-        return (y if self.refine is None else self.refine(x, feats, y)), feats
+        if self.refine is not None:
+            y = self.refine(x, feats, y)
+        if self.classify is not None:
+            y = torch.cat([y, F.pixel_shuffle(self.classify(feats), self.cfg.patch)], dim=1)
+        return y, feats
 
 
 def build_net(cfg: NetConfig | str = "large") -> CellposeSAMNet:
@@ -395,7 +411,7 @@ def build_net(cfg: NetConfig | str = "large") -> CellposeSAMNet:
 
 
 def grown(net: CellposeSAMNet, **changes) -> CellposeSAMNet:
-    """A copy of ``net`` whose config has ``changes`` that only add parts (``skip``, ``size_head``): every
+    """A copy of ``net`` whose config has ``changes`` that only add parts (``skip``, ``size_head``, ``classes``): every
     weight of ``net`` is carried over (strictly), the new parts keep their initialisation."""
     out = CellposeSAMNet(replace(net.cfg, **changes))
     new, old = out.state_dict(), net.state_dict()

@@ -5,6 +5,7 @@ All writers are atomic (temp file beside the target, renamed on success).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,21 @@ def write_masks(path: str | Path, masks: np.ndarray) -> None:
 SHAPE_PROPERTIES = ("perimeter", "eccentricity", "solidity", "axis_major_length", "axis_minor_length")
 
 
-def cell_table(masks: np.ndarray, image_yxc: np.ndarray, image_name: str | None = None) -> pd.DataFrame:
+PerMaskClasses = Mapping[int, int] | Sequence[int] | np.ndarray
+
+
+def cell_table(masks: np.ndarray, image_yxc: np.ndarray, image_name: str | None = None,
+               classes: PerMaskClasses | None = None) -> pd.DataFrame:
     """One row per cell: ``image`` (the source file name, if given), label, area (px), centroid (y, x),
     bbox (y0, x0, y1, x1; half-open), shape (perimeter in px, eccentricity, solidity, major and minor
     axis lengths in px) and the mean intensity of each channel of the raw (H, W, C) image
     (columns ``mean_intensity_c<k>``).
 
     3D masks (Z, Y, X) with a (Z, Y, X, C) image give area in voxels, centroid (z, y, x), bbox
-    (z0, y0, x0, z1, y1, x1) and the channel means; the 2D shape measures are left out."""
+    (z0, y0, x0, z1, y1, x1) and the channel means; the 2D shape measures are left out.
+
+    ``classes`` adds a ``class`` column: a mapping label → class, or one class per cell in increasing
+    label order (e.g. the classes :func:`phenoscope.segment.semantic.vote_classes` gives with its masks)."""
     from skimage.measure import regionprops_table
 
     axes = "zyx"[-masks.ndim:]
@@ -58,12 +66,29 @@ def cell_table(masks: np.ndarray, image_yxc: np.ndarray, image_name: str | None 
     df = df.astype({"label": np.int64, "area": np.int64})
     if image_name is not None:
         df.insert(0, "image", image_name)
+    if classes is not None:
+        df["class"] = classes_per_label(classes, df["label"].to_numpy())
     return df
 
 
-def write_cell_table(path: str | Path, masks: np.ndarray, image_yxc: np.ndarray, image_name: str | None = None) -> pd.DataFrame:
+def classes_per_label(classes: PerMaskClasses, labels: np.ndarray) -> np.ndarray:
+    """(n,) int64 class of each of the (n,) ``labels``, from a mapping label → class (``ValueError`` naming
+    the labels it lacks) or a sequence of n classes in the order of ``labels``."""
+    if isinstance(classes, Mapping):
+        missing = sorted(set(labels.tolist()) - set(classes))
+        if missing:
+            raise ValueError(f"{len(missing)} object(s) have no class, e.g. labels {missing[:5]}")
+        return np.array([classes[label] for label in labels.tolist()], np.int64)
+    values = np.asarray(classes, np.int64)
+    if values.shape != labels.shape:
+        raise ValueError(f"got {values.size} classes for {labels.size} objects")
+    return values
+
+
+def write_cell_table(path: str | Path, masks: np.ndarray, image_yxc: np.ndarray, image_name: str | None = None,
+                     classes: PerMaskClasses | None = None) -> pd.DataFrame:
     """:func:`cell_table` written as CSV, atomically."""
-    df = cell_table(masks, image_yxc, image_name)
+    df = cell_table(masks, image_yxc, image_name, classes)
     with atomic_write(path, "w") as fh:
         df.to_csv(fh, index=False)
     return df

@@ -153,11 +153,13 @@ def color_augment(image: np.ndarray, rng: np.random.Generator, cfg: SegAugmentCo
 
 def augment_sample(
     image: np.ndarray, flows: np.ndarray, mask: np.ndarray, diam: float, tile: int,
-    rng: np.random.Generator, cfg: SegAugmentConfig, f: float | None = None,
+    rng: np.random.Generator, cfg: SegAugmentConfig, f: float | None = None, classes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One ``tile``² training tile: (image (C, t, t), target (3, t, t) = (foreground, dY, dX) unit flows).
 
     ``f``: the resize draw (cells become ``diam_mean · f`` px across); None draws it from ``scale_range``.
+    ``classes``: a per-pixel class image (H, W) (:mod:`phenoscope.segment.semantic`), warped like the mask
+    and appended as a fourth target channel (the random draws are the same with or without it).
     """
     f = log_uniform(rng, cfg.scale_range) if f is None else f
     scale = cfg.diam_mean * f / diam if diam > 0 else f
@@ -165,10 +167,11 @@ def augment_sample(
     img = warp(image, a, offset, tile, order=1)
     flw = rotate_flows(warp(flows, a, offset, tile, order=1), m)
     fg = warp(mask.astype(np.float32), a, offset, tile, order=0)
+    extra = [] if classes is None else [warp(classes.astype(np.float32), a, offset, tile, order=0)[None]]
     if rng.random() < cfg.p_degrade:
         img = degrade(img, rng, cfg)
     img = color_augment(img, rng, cfg)
-    return img, np.concatenate([fg[None], flw]).astype(np.float32)
+    return img, np.concatenate([fg[None], flw, *extra]).astype(np.float32)
 
 
 def log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:

@@ -20,12 +20,14 @@ from phenoscope.segment.training.augment import SegAugmentConfig, augment_sample
 
 @dataclass
 class Sample:
-    """One training image: normalised (3, H, W) image, (2, H, W) unit flows, labels and diameter."""
+    """One training image: normalised (3, H, W) image, (2, H, W) unit flows, labels and diameter, and
+    optionally its per-pixel class target (H, W) (:mod:`phenoscope.segment.semantic`)."""
 
     image: np.ndarray
     flows: np.ndarray
     labels: np.ndarray
     diameter: float
+    classes: np.ndarray | None = None
 
 
 def find_pairs(images: str | Path, labels: str | Path) -> list[tuple[Path, Path]]:
@@ -130,7 +132,9 @@ def split_pairs(pairs: list[tuple[Path, Path]], val_ids: str = "", val_fraction:
 
 
 class SegmentationDataset(Dataset):
-    """Augmented tiles of :class:`Sample` s; tile ``i`` of epoch ``e`` is a pure function of (seed, e, i)."""
+    """Augmented tiles of :class:`Sample` s; tile ``i`` of epoch ``e`` is a pure function of (seed, e, i).
+
+    Items: ``image`` (C, t, t), ``target`` (3, t, t) and, for samples with classes, ``classes`` (t, t) int64."""
 
     def __init__(self, samples: list[Sample], cfg: SegAugmentConfig, tile: int, seed: int = 0, min_len: int = 8) -> None:
         if not samples:
@@ -147,5 +151,8 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         s = self.samples[i % len(self.samples)]
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        image, target = augment_sample(s.image, s.flows, s.labels > 0, s.diameter, self.tile, rng, self.cfg)
-        return {"image": torch.from_numpy(image), "target": torch.from_numpy(target)}
+        image, target = augment_sample(s.image, s.flows, s.labels > 0, s.diameter, self.tile, rng, self.cfg, classes=s.classes)
+        item = {"image": torch.from_numpy(image), "target": torch.from_numpy(target[:3])}
+        if s.classes is not None:
+            item["classes"] = torch.from_numpy(target[3].astype(np.int64))
+        return item

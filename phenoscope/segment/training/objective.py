@@ -1,4 +1,5 @@
-"""The segmentation objective for the training loop: cellpose's loss with seeded layer drop, and validation AP."""
+"""The segmentation objective for the training loop: cellpose's loss with seeded layer drop (plus the class
+loss of :mod:`phenoscope.segment.semantic` for batches with class targets), and validation AP."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from phenoscope.segment.net import CellposeSAMNet
+from phenoscope.segment.semantic import class_loss
 from phenoscope.segment.training.data import Sample
 
 
 def cellpose_loss(y: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cellpose ``_loss_fn_seg``: (MSE(y[:, :2], 5·flows) / 2, BCE-with-logits(y[:, 2], foreground)).
 
-    y: (B, 3, H, W) network output (dY, dX, cellprob logits); target: (B, 3, H, W) (foreground, dY, dX).
+    y: (B, ≥ 3, H, W) network output (dY, dX, cellprob logits, then any class maps, which are not used here);
+    target: (B, 3, H, W) (foreground, dY, dX).
     """
     flow = F.mse_loss(y[:, :2], 5.0 * target[:, 1:]) / 2.0
     prob = F.binary_cross_entropy_with_logits(y[:, 2], (target[:, 0] > 0.5).to(y.dtype))
@@ -22,7 +25,10 @@ def cellpose_loss(y: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 class CellposeLoss(nn.Module):
-    """Objective for the generic loop: the cellpose loss with per-step seeded layer drop, plus validation."""
+    """Objective for the generic loop: the cellpose loss with per-step seeded layer drop, plus validation.
+
+    A batch with ``classes`` (B, H, W) class targets adds the class loss
+    (:func:`phenoscope.segment.semantic.class_loss`, batch inverse-frequency weights) of the network's class maps."""
 
     find_unused_parameters = True  # layer drop skips blocks
 
@@ -39,7 +45,11 @@ class CellposeLoss(nn.Module):
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + progress.step) * 64 + rank)
         y = self.net(batch["image"], self.layer_drop, gen)
         flow, prob = cellpose_loss(y.float(), batch["target"])
-        return {"loss": flow + prob, "flow_loss": flow.detach(), "prob_loss": prob.detach()}
+        out = {"loss": flow + prob, "flow_loss": flow.detach(), "prob_loss": prob.detach()}
+        if "classes" in batch:
+            cls = class_loss(y[:, self.net.cfg.nout:].float(), batch["classes"])
+            out.update(loss=out["loss"] + cls, class_loss=cls.detach())
+        return out
 
     def on_epoch_end(self, epoch: int) -> dict[str, float] | None:
         last = epoch + 1
