@@ -8,12 +8,19 @@ import numpy as np
 _SUBSAMPLE_ABOVE = 224**3
 
 
+def sample_steps(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-axis strides of the sample whose percentiles stand for an array of ``shape`` (all 1 up to 224³
+    elements; cellpose's rule above: every (n // 224)-th pixel, every (n // 50)-th plane of a volume)."""
+    if int(np.prod(shape)) <= _SUBSAMPLE_ABOVE:
+        return (1,) * len(shape)
+    step = [max(1, n // 224) for n in shape]
+    if len(shape) == 3:
+        step[0] = max(1, shape[0] // 50)
+    return tuple(step)
+
+
 def _percentiles(x: np.ndarray, lower: float, upper: float) -> tuple[float, float]:
-    if x.size > _SUBSAMPLE_ABOVE:
-        step = [max(1, n // 224) for n in x.shape]
-        if x.ndim == 3:
-            step[0] = max(1, x.shape[0] // 50)
-        x = x[tuple(slice(0, n, s) for n, s in zip(x.shape, step))]
+    x = x[tuple(slice(0, n, s) for n, s in zip(x.shape, sample_steps(x.shape)))]
     lo, hi = np.percentile(x, [lower, upper])
     return float(lo), float(hi)
 

@@ -19,6 +19,7 @@ Speed-ups over cellpose, none of which changes a result:
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -70,7 +71,7 @@ def _vector_step_codegen(context, builder, signature, args):
     ``im`` is (2·(h+2)·(w+2),) float32 with a 1-pixel zero border, the (dX, dY) of a pixel
     adjacent, so each bilinear corner is one 64-bit gather and no bounds checks are needed.
     """
-    im_a, row, sx, sy, h_a, s, lane0 = args
+    im_a, row, sx, sy, ox, oy, xmax, ymax, h_a, s, lane0 = args
     n = _VEC
     f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
     vf, vi32, vi64 = ir.VectorType(f32, n), ir.VectorType(i32, n), ir.VectorType(i64, n)
@@ -93,7 +94,7 @@ def _vector_step_codegen(context, builder, signature, args):
         mod, ir.FunctionType(vi64, [ptrs_t, i32, ir.VectorType(ir.IntType(1), n), vi64]), f"llvm.masked.gather.v{n}i64.v{n}p0"
     )
     im_ptr = context.make_array(signature.args[0])(context, builder, im_a).data
-    h_ptr = context.make_array(signature.args[4])(context, builder, h_a).data
+    h_ptr = context.make_array(signature.args[8])(context, builder, h_a).data
 
     def vec_at(offset):  # pointer to the vector at float offset ``offset`` of h
         return builder.bitcast(builder.gep(h_ptr, [offset]), vf.as_pointer())
@@ -104,6 +105,12 @@ def _vector_step_codegen(context, builder, signature, args):
     one = splat(ir.Constant(f32, 1.0), vf)
     x = builder.call(fma, [builder.fadd(gx, one), splat(sx, vf), splat(ir.Constant(f32, -0.5), vf)])
     y = builder.call(fma, [builder.fadd(gy, one), splat(sy, vf), splat(ir.Constant(f32, -0.5), vf)])
+    # window frame: pixel (ox, oy) of the image is the flow image's first; positions outside it read
+    # its zero border (a no-op for the whole image, where ox = oy = 0 and x, y ∈ [-1/2, size - 1/2])
+    x = builder.fsub(x, splat(ox, vf))
+    y = builder.fsub(y, splat(oy, vf))
+    x = builder.call(fmin, [builder.call(fmax, [x, splat(ir.Constant(f32, -1.0), vf)]), splat(xmax, vf)])
+    y = builder.call(fmin, [builder.call(fmax, [y, splat(ir.Constant(f32, -1.0), vf)]), splat(ymax, vf)])
     x_w, y_n = builder.call(floor, [x]), builder.call(floor, [y])
     we = builder.fsub(x, x_w)
     e = builder.fsub(one, we)
@@ -142,10 +149,10 @@ def _vector_step_codegen(context, builder, signature, args):
 
 
 @intrinsic
-def _step_lanes(typingctx, im, row, sx, sy, h, s, lane0):
+def _step_lanes(typingctx, im, row, sx, sy, ox, oy, xmax, ymax, h, s, lane0):
     """``h[s + 1] = step(h[s])`` for lanes lane0..lane0+_VEC; h is (_CHECK + 1, 2, _LANES)
     float32 (C order)."""
-    return types.void(im, row, sx, sy, h, s, lane0), _vector_step_codegen
+    return types.void(im, row, sx, sy, ox, oy, xmax, ymax, h, s, lane0), _vector_step_codegen
 
 
 @numba.njit(cache=True, inline="always")
@@ -162,10 +169,13 @@ def _position_at(h: np.ndarray, lane: int, t0: int, niter: int) -> int:
 
 
 @numba.njit(cache=True, nogil=True)
-def _follow_block(im: np.ndarray, w: int, h: int, pts: np.ndarray, out: np.ndarray, start: int, stop: int, niter: int) -> None:
+def _follow_block(im: np.ndarray, w: int, h: int, frame: np.ndarray, pts: np.ndarray, out: np.ndarray, start: int,
+                  stop: int, niter: int) -> None:
     """Follow pixels ``start:stop`` of ``pts`` into ``out``, _LANES at a time, refilling a lane
-    as soon as its pixel is finished."""
-    row, sx, sy = np.uint64(2 * (w + 2)), np.float32(w / 2), np.float32(h / 2)
+    as soon as its pixel is finished. ``frame`` = (image height, width, window y0, x0)."""
+    row, sx, sy = np.uint64(2 * (w + 2)), np.float32(frame[1] / 2), np.float32(frame[0] / 2)
+    ox, oy = np.float32(frame[3]), np.float32(frame[2])
+    xmax, ymax = np.float32(w - 0.5), np.float32(h - 0.5)
     hist = np.zeros((_CHECK + 1, 2, _LANES), np.float32)
     lt = np.zeros(_LANES, np.int64)
     li = np.full(_LANES, -1, np.int64)
@@ -178,7 +188,7 @@ def _follow_block(im: np.ndarray, w: int, h: int, pts: np.ndarray, out: np.ndarr
     while active > 0:
         for s in range(_CHECK):
             for lane0 in range(0, _LANES, _VEC):
-                _step_lanes(im, row, sx, sy, hist, np.int64(s), np.int64(lane0))
+                _step_lanes(im, row, sx, sy, ox, oy, xmax, ymax, hist, np.int64(s), np.int64(lane0))
         for lane in range(_LANES):
             if li[lane] < 0:
                 continue
@@ -216,16 +226,17 @@ def _padded_flow_image(dP: np.ndarray, fg: np.ndarray, masked: bool, scale_x: np
 
 
 @numba.njit(cache=True, parallel=True)
-def _follow_2d(im: np.ndarray, h: int, w: int, pts: np.ndarray, niter: int, threads: int) -> np.ndarray:
+def _follow_2d(im: np.ndarray, h: int, w: int, frame: np.ndarray, pts: np.ndarray, niter: int, threads: int) -> np.ndarray:
     """Positions (N, 2) = normalised (x, y) after ``niter`` steps through the padded flow image
-    ``im`` of an (h, w) image. Blocks of 1024 pixels are dealt round-robin to ``threads`` workers."""
+    ``im`` of an (h, w) window of an image (``frame`` = (image height, width, window y0, x0); the whole
+    image is (h, w, 0, 0)). Blocks of 1024 pixels are dealt round-robin to ``threads`` workers."""
     out = np.empty_like(pts)
     n = pts.shape[0]
     block = 1024
     n_blocks = (n + block - 1) // block
     for t in numba.prange(threads):
         for b in range(t, n_blocks, threads):
-            _follow_block(im, w, h, pts, out, b * block, min(n, (b + 1) * block), niter)
+            _follow_block(im, w, h, frame, pts, out, b * block, min(n, (b + 1) * block), niter)
     return out
 
 
@@ -239,7 +250,7 @@ def _kernel_matches_torch() -> bool:
     ref = (torch.from_numpy(pts)[None, None] + ref[0, :, 0].T[None, None]).clamp(-1, 1)[0, 0].numpy()
     padded = _padded_flow_image(im[::-1].copy(), _NO_MASK, False, np.float32(1), np.float32(1))
     try:
-        same = bool(np.array_equal(_follow_2d(padded, 16, 20, pts, 1, 1), ref))
+        same = bool(np.array_equal(_follow_2d(padded, 16, 20, np.array([16, 20, 0, 0]), pts, 1, 1), ref))
     except (numba.core.errors.NumbaError, RuntimeError) as err:  # e.g. an LLVM too old for the kernel's IR
         warnings.warn(f"compiled flow following unavailable ({err}); using torch (slower)", stacklevel=3)
         return False
@@ -262,30 +273,39 @@ def _euler_torch(im: torch.Tensor, pt: torch.Tensor, niter: int) -> torch.Tensor
     return pt.reshape(-1, pt.shape[-1])
 
 
-def _follow(dP: np.ndarray, fg: np.ndarray, inds: tuple[np.ndarray, ...], niter: int) -> torch.Tensor:
-    """Final positions (ndim, N) of the pixels ``inds`` after ``niter`` Euler steps through the flow
-    ``dP * fg / 5.0`` (pixels per step), without materialising the masked flows in 2D.
+def _follow(dP: np.ndarray, fg: np.ndarray, inds: tuple[np.ndarray, ...], niter: int,
+            frame: Frame | None = None) -> torch.Tensor:
+    """Final integer positions (ndim, N) of the pixels ``inds`` after ``niter`` Euler steps through the
+    flow ``dP * fg / 5.0`` (pixels per step), without materialising the masked flows in 2D.
 
     Positions are normalised to [-1, 1] with the align_corners=True convention but sampled with
     align_corners=False, as cellpose does. In 2D the compiled kernel runs when it reproduces the
-    local torch's rounding; otherwise (and in 3D) cellpose's torch loop runs."""
+    local torch's rounding; otherwise (and in 3D) cellpose's torch loop runs.
+
+    ``frame`` (2D): the arrays are a window of a larger image; positions are computed in the image's
+    normalised coordinates, as a whole-image run computes them, and returned in the window's pixels."""
     global _FAST_2D
     shape = dP.shape[1:]
     ndim = len(shape)
+    if ndim == 2 and _FAST_2D is None:
+        _FAST_2D = _kernel_matches_torch()
+    if frame is not None and not (ndim == 2 and _FAST_2D):
+        warnings.warn("flow following in a window is exact only with the compiled 2D kernel", stacklevel=3)
+        frame = None
+    full, origin = (frame.shape, frame.origin) if frame is not None else (shape, (0,) * ndim)
     pt = torch.zeros((len(inds[0]), ndim), dtype=torch.float32)
     for n in range(ndim):
-        pt[:, ndim - n - 1] = torch.from_numpy(inds[n]).to(dtype=torch.float32)
-    size = np.array(shape)[::-1].astype("float") - 1
+        pt[:, ndim - n - 1] = torch.from_numpy(inds[n] + origin[n]).to(dtype=torch.float32)
+    size = np.array(full)[::-1].astype("float") - 1
     for k in range(ndim):
         pt[:, k] /= size[k]
     pt *= 2
     pt -= 1
-    if ndim == 2 and _FAST_2D is None:
-        _FAST_2D = _kernel_matches_torch()
     if ndim == 2 and _FAST_2D:
         scale = [np.float32(2.0 / size[k]) for k in range(ndim)]
         im = _padded_flow_image(dP, fg, True, scale[0], scale[1])
-        pt = torch.from_numpy(_follow_2d(im, shape[0], shape[1], pt.numpy(), niter, numba.get_num_threads()))
+        geometry = np.array([*full, *origin], np.int64)
+        pt = torch.from_numpy(_follow_2d(im, shape[0], shape[1], geometry, pt.numpy(), niter, numba.get_num_threads()))
     else:
         im = torch.zeros((1, ndim, *shape), dtype=torch.float32)
         for n in range(ndim):
@@ -297,7 +317,10 @@ def _follow(dP: np.ndarray, fg: np.ndarray, inds: tuple[np.ndarray, ...], niter:
     pt *= 0.5
     for k in range(ndim):
         pt[:, k] *= size[k]
-    return pt[:, list(range(ndim))[::-1]].T
+    pt = pt[:, list(range(ndim))[::-1]].T.int()
+    for n in range(ndim):
+        pt[n] -= origin[n]
+    return pt
 
 
 def _max_pool(h: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -515,16 +538,18 @@ def _flow_errors_2d(padded: np.ndarray, heat: np.ndarray, labels: np.ndarray, bo
     return out
 
 
-def flow_errors(masks: np.ndarray, dP: np.ndarray) -> np.ndarray:
-    """Per-mask mean squared difference between the masks' own flows and ``dP / 5`` (2D; one
-    value per label present, in ascending order). Works per object: no full-image flow arrays."""
-    padded, heat, labels, boxes = solve_heat(masks)
+def flow_errors(masks: np.ndarray, dP: np.ndarray, niter: int | None = None) -> np.ndarray:
+    """Per-mask mean squared difference between the masks' own flows (``niter`` diffusion iterations,
+    default cellpose's) and ``dP / 5`` (2D; one value per label present, in ascending order). Works
+    per object: no full-image flow arrays."""
+    padded, heat, labels, boxes = solve_heat(masks, niter)
     return _flow_errors_2d(padded, heat, labels, boxes, np.asarray(dP, np.float32))
 
 
-def remove_bad_flow_masks(masks: np.ndarray, dP: np.ndarray, threshold: float = 0.4) -> np.ndarray:
-    """Drop masks whose flow error exceeds ``threshold``; renumber (in place). Labels must be 1..N."""
-    errors = flow_errors(masks, dP)
+def remove_bad_flow_masks(masks: np.ndarray, dP: np.ndarray, threshold: float = 0.4, niter: int | None = None) -> np.ndarray:
+    """Drop masks whose flow error (:func:`flow_errors`) exceeds ``threshold``; renumber (in place).
+    Labels must be 1..N."""
+    errors = flow_errors(masks, dP, niter)
     if len(errors) != masks.max():
         raise ValueError(f"labels must be 1..N without gaps: {len(errors)} labels present, max {masks.max()}")
     _relabel(masks, np.concatenate([[True], ~(errors > threshold)]))
@@ -607,6 +632,14 @@ def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> 
     return masks
 
 
+@dataclass(frozen=True)
+class Frame:
+    """Where a window lies in its image: the image's ``shape`` and the window's top-left ``origin`` (px)."""
+
+    shape: tuple[int, int]
+    origin: tuple[int, int]
+
+
 def compute_masks(
     dP: np.ndarray,
     cellprob: np.ndarray,
@@ -630,15 +663,31 @@ def compute_masks(
     Returns:
         uint16 label image (uint32 above 65535 masks), 0 = background, labels 1..N.
     """
+    mask = follow_masks(dP, cellprob, niter, cellprob_threshold, max_size_fraction)
+    return finish_masks(mask, dP, flow_threshold, min_size)
+
+
+def follow_masks(dP: np.ndarray, cellprob: np.ndarray, niter: int = 200, cellprob_threshold: float = 0.0,
+                 max_size_fraction: float = 0.4, frame: Frame | None = None) -> np.ndarray:
+    """The first half of :func:`compute_masks`: flow following and histogram seeds, before the flow
+    QC and the size clean-up (labels 1..N, uint32 or narrower). ``frame``: the arrays are a window of
+    a larger (2D) image, followed as a whole-image run follows them (see :func:`_follow`)."""
     dP, cellprob = _check_inputs(dP, cellprob)
     fg = cellprob > cellprob_threshold
     if not fg.any():
         return np.zeros(cellprob.shape, np.uint16)
     inds = np.nonzero(fg)
-    p_final = _follow(dP, fg, inds, niter).int()
-    mask = get_masks(p_final, inds, dP.shape[1:], max_size_fraction=max_size_fraction)
+    p_final = _follow(dP, fg, inds, niter, frame)
+    return get_masks(p_final, inds, dP.shape[1:], max_size_fraction=max_size_fraction)
+
+
+def finish_masks(mask: np.ndarray, dP: np.ndarray, flow_threshold: float = 0.4, min_size: int = 15,
+                 heat_niter: int | None = None) -> np.ndarray:
+    """The second half of :func:`compute_masks` on :func:`follow_masks`' labels: the flow QC (2D; its
+    diffusion runs ``heat_niter`` iterations, default cellpose's for these masks), hole filling and
+    small-mask removal."""
     if dP.shape[0] == 2 and mask.max() > 0 and flow_threshold:
-        mask = remove_bad_flow_masks(mask, dP, threshold=flow_threshold)
+        mask = remove_bad_flow_masks(mask, dP, threshold=flow_threshold, niter=heat_niter)
     if mask.max() < 2**16:
         mask = mask.astype(np.uint16, copy=False)
     if min_size > 0:

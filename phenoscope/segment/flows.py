@@ -205,6 +205,18 @@ def _flows_from_heat(heat: np.ndarray, inside: np.ndarray) -> np.ndarray:
     return out
 
 
+def _heat_iterations_2d(boxes: np.ndarray) -> int:
+    ext = (boxes[:, 1] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 2]) + 2
+    return int(2 * ext.max()) if len(ext) else 0
+
+
+def heat_iterations(masks: np.ndarray) -> int:
+    """cellpose's diffusion iterations for a 2D label image: 2 × (the largest box's height + width + 2);
+    0 without masks. The largest over the blocks of an image is the whole image's."""
+    _, slices = _objects(check_labels(masks, as_int64=False))
+    return _heat_iterations_2d(np.array([[s.start, s.stop] for slc in slices for s in slc], np.int64).reshape(-1, 4))
+
+
 def solve_heat(masks: np.ndarray, niter: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Diffusion heat of every object, as cellpose computes it.
 
@@ -220,8 +232,7 @@ def solve_heat(masks: np.ndarray, niter: int | None = None) -> tuple[np.ndarray,
     if len(labels) == 0:
         return padded, heat, labels, boxes
     if masks.ndim == 2:
-        ext = (boxes[:, 1] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 2]) + 2
-        n_iter = int(2 * ext.max()) if niter is None else int(niter)
+        n_iter = _heat_iterations_2d(boxes) if niter is None else int(niter)
         _heat_2d(padded, boxes, labels, n_iter, heat)
     else:
         ext = (boxes[:, 1::2] - boxes[:, 0::2] + 1).sum(axis=1)
