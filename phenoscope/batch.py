@@ -11,8 +11,9 @@ is redone by the next run.
 
 ``run_batch`` turns Ctrl-C (SIGINT) and SIGTERM into :class:`BatchInterrupted`, which carries the
 report of what was done (exit code 130 / 143 in the CLI). An :class:`Executor` runs the job over the
-items and yields outcomes as they complete; :class:`SerialExecutor` and :class:`ProcessExecutor` exist,
-and another (e.g. dask) is one more subclass, without change to callers.
+items and yields outcomes as they complete: :class:`SerialExecutor` in this process,
+:class:`ProcessExecutor` on local processes, :class:`DaskExecutor` on a dask.distributed cluster
+(a remote scheduler's address, or a LocalCluster it starts).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from phenoscope.core.io import IMAGE_SUFFIXES
 __all__ = [
     "BatchInterrupted",
     "BatchReport",
+    "DaskExecutor",
     "Executor",
     "InputError",
     "check_writable",
@@ -196,9 +198,81 @@ class ProcessExecutor(Executor):
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def make_executor(workers: int, initializer: Callable[[], None] | None = None) -> Executor:
-    """Serial for ``workers`` ≤ 1, else a :class:`ProcessExecutor` of that many processes
-    (``initializer`` runs in each of them)."""
+def _dask_call(job: Callable[[Item], Any], initializer: Callable[[], None] | None, item: Item) -> Outcome:
+    if initializer is not None:
+        initializer()
+    return _call(job, item)
+
+
+class DaskExecutor(Executor):
+    """Items as tasks on a dask.distributed cluster: the scheduler at ``address`` (``tcp://host:8786``),
+    or, with ``address=None``, a LocalCluster of ``workers`` single-threaded worker processes that lives
+    as long as the run.
+
+    The job is scattered once to every worker (a loaded model is not re-sent per item); ``initializer``
+    runs before each item on the worker (it must be cheap and idempotent, e.g. setting the thread count).
+    At most ``2 × workers`` items are in flight, so an interrupt leaves few running; those are cancelled.
+    Raises :class:`InputError` when the scheduler cannot be reached.
+    """
+
+    def __init__(self, address: str | None = None, workers: int = 1, initializer: Callable[[], None] | None = None,
+                 timeout: float = 10.0) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be ≥ 1, got {workers}")
+        self.address, self.workers, self.initializer, self.timeout = address, workers, initializer, timeout
+
+    @contextlib.contextmanager
+    def client(self) -> Iterator[Any]:
+        """A connected ``distributed.Client`` (and the LocalCluster it started, closed on exit)."""
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError:
+            raise InputError("a dask cluster needs the 'distributed' package: pip install 'phenoscope[dask]'") from None
+        if self.address is None:
+            with LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                              silence_logs=40) as cluster, Client(cluster) as client:
+                yield client
+            return
+        try:
+            client = Client(self.address, timeout=self.timeout)
+        except (OSError, TimeoutError) as err:
+            raise InputError(f"{self.address}: cannot reach the dask scheduler ({error_line(err)})") from None
+        with client:
+            yield client
+
+    def run(self, job: Callable[[Item], Any], items: Sequence[Item]) -> Generator[Outcome, None, None]:
+        from distributed import as_completed
+
+        with self.client() as client:
+            slots = 2 * max(self.workers, len(client.scheduler_info().get("workers", {})) or 1)
+            shared = client.scatter(job, broadcast=True)
+            queue = iter(items)
+            running = as_completed()
+            futures = []
+
+            def submit_next() -> None:
+                item = next(queue, None)
+                if item is not None:
+                    future = client.submit(_dask_call, shared, self.initializer, item, pure=False)
+                    futures.append(future)
+                    running.add(future)
+
+            try:
+                for _ in range(slots):
+                    submit_next()
+                for future in running:
+                    submit_next()
+                    yield future.result()
+            finally:
+                client.cancel(futures)
+
+
+def make_executor(workers: int, initializer: Callable[[], None] | None = None, scheduler: str | None = None) -> Executor:
+    """The executor for ``workers`` processes and an optional dask ``scheduler``: serial for ``workers`` ≤ 1,
+    else a :class:`ProcessExecutor` of that many processes; with ``scheduler``, a :class:`DaskExecutor` on
+    that address (``"local"``: a LocalCluster of ``workers`` processes). ``initializer`` runs in each worker."""
+    if scheduler:
+        return DaskExecutor(None if scheduler == "local" else scheduler, max(1, workers), initializer)
     return SerialExecutor() if workers <= 1 else ProcessExecutor(workers, initializer)
 
 

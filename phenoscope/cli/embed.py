@@ -28,6 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", dest="num_workers", type=int, default=None,
                    help="processes embedding images in parallel (≤ 1: in this process)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run the images on a dask.distributed cluster: a scheduler address, or 'local' (a LocalCluster of --workers)")
     p.add_argument("--config", default=None, help="TOML/JSON file with EmbedConfig options")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(EmbedConfig, args.config, crop_size=crop, mask_background=args.mask_background or None,
                       center_crop=args.center_crop, n_last_blocks=args.n_last_blocks, layout=args.layout,
                       output_format=args.output_format, batch_size=args.batch_size, num_workers=args.num_workers,
-                      channels=args.channels)
+                      channels=args.channels, scheduler=args.scheduler)
     if cfg.crop_size and args.masks is None:
         print("error: --crop-size (single-cell mode) needs --masks", file=sys.stderr)
         return 2

@@ -59,6 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "optional comma-separated channel names (default C0, C1, ...)")
     p.add_argument("--workers", type=int, default=1, help="processes segmenting images in parallel (default 1)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch default)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run the files on a dask.distributed cluster: a scheduler address (tcp://host:8786), "
+                        "or 'local' for a LocalCluster of --workers processes")
     p.set_defaults(func=run)
 
 
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = segment_files(args.inputs, args.out, args.model, params, save, args.overwrite, args.workers,
                                args.device, args.threads, on_done=lambda item, summary: summary.describe(item.source),
-                               cp_names=cp_names)
+                               cp_names=cp_names, scheduler=args.scheduler)
     except BatchInterrupted as stop:
         _print_summary(stop.report, f"; {stop}")
         raise

@@ -322,8 +322,12 @@ def segment_files(
     progress: bool | None = None,
     on_done: Callable[[Item, ImageSummary], str | None] | None = None,
     cp_names: Sequence[str] | None = None,
+    scheduler: str | None = None,
 ) -> BatchReport:
     """Segment files, folders and globs into ``out_dir`` (see the module docstring); resumable.
+
+    ``scheduler``: a dask.distributed scheduler address to run the files on (``"local"``: a LocalCluster of
+    ``workers`` processes); the outputs are those of a serial run.
 
     Before any model is loaded, raises :class:`phenoscope.batch.InputError` for missing inputs,
     same-stem inputs, an unwritable ``out_dir``, a model file that does not exist, a manifest of
@@ -344,7 +348,7 @@ def segment_files(
     write_manifest(out_dir, manifest)
     job = SegmentJob(segmenter, out_dir, params.channel_axis, tuple(save), None if cp_names is None else tuple(cp_names),
                      params.z_axis if params.do_3d else None)
-    executor = make_executor(workers, partial(_set_threads, threads) if threads else None)
+    executor = make_executor(workers, partial(_set_threads, threads) if threads else None, scheduler)
     return run_batch(items, job, executor, overwrite, progress, "segment", on_done)
 
 

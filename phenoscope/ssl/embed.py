@@ -58,6 +58,7 @@ class EmbedConfig:
     npz_key: str = "images"  # array of (N, C, H, W) crops in a .npz input (one row per crop)
     batch_size: int = 64  # crops per forward pass
     num_workers: int = 0  # processes each embedding whole images (≤ 1: this process)
+    scheduler: str = ""  # a dask.distributed scheduler address to run the images on ("local": a LocalCluster)
     output_format: str = "h5ad"  # AnnData file beside the Parquet table: h5ad | zarr
 
 
@@ -190,7 +191,7 @@ def _run_key(model_path: Path, cfg: EmbedConfig, images: list[Path], masks: list
     h = hashlib.sha1()
     with open(model_path, "rb") as fh:
         h.update(fh.read(1 << 20))  # the first MiB is enough to tell models apart; don't read a whole ViT-L
-    h.update(json.dumps({k: v for k, v in to_dict(cfg).items() if k not in ("batch_size", "num_workers", "output_format")},
+    h.update(json.dumps({k: v for k, v in to_dict(cfg).items() if k not in ("batch_size", "num_workers", "scheduler", "output_format")},
                         sort_keys=True).encode())
     h.update("\n".join(f"{i}|{m}" for i, m in zip(images, masks)).encode())
     return h.hexdigest()[:16]
@@ -230,7 +231,7 @@ def embed_images(
         json.dump({"key": key, "model": str(model_path), "config": to_dict(cfg)}, fh, indent=2)
     items = [Item(Path(im), (parts / f"{n:07d}.parquet",), mk) for n, (im, mk) in enumerate(zip(images, masks))]
     job = _EmbedJob(model, cfg, dev, prep)
-    report = run_batch(items, job, make_executor(cfg.num_workers), progress=progress, desc="embed")
+    report = run_batch(items, job, make_executor(cfg.num_workers, scheduler=cfg.scheduler or None), progress=progress, desc="embed")
     failures = report.failure_lines()
     n_rows = gather(out_dir, len(images), metadata, cfg.output_format)
     return {"rows": n_rows, "embedded": len(report.done), "already_done": len(report.skipped), "failed": failures}
