@@ -4,7 +4,7 @@
 """
 
 from phenoscope.datasets.bbbc021 import is_bbbc021_source, load_bbbc021
-from phenoscope.datasets.dsb import dsb_image, dsb_index, dsb_labels, label_mosaic
+from phenoscope.datasets.dsb import dsb_image, dsb_index, dsb_labels, image_mosaic, label_mosaic
 from phenoscope.datasets.jurkat import load_jurkat
 from phenoscope.datasets.root import data_root, dataset_path
 from phenoscope.datasets.synthetic import synthetic_nuclei
@@ -16,6 +16,7 @@ __all__ = [
     "dsb_index",
     "dsb_labels",
     "is_bbbc021_source",
+    "image_mosaic",
     "label_mosaic",
     "load_bbbc021",
     "load_jurkat",

@@ -61,3 +61,30 @@ def label_mosaic(root: str | Path, size: int = 1024, n_objects: int = 650, seed:
         out[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = np.where(lab > 0, lab + offset, 0)
         offset += int(lab.max())
     return relabel_sequential(out)[0]
+
+
+def image_mosaic(root: str | Path, size: int = 1024, tile: int = 256, modality: str = "fluorescence_gray",
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A (size, size) uint8 gray image and its uint32 labels tiled from the top-left ``tile``² crops of
+    random DSB images of one ``modality`` (``index.csv``'s ``modality_heuristic``; gray = the channels'
+    maximum), shifted by half a tile so that a grid of ``tile``-multiples cuts through crops, not along
+    their seams. Labels are renumbered 1..N."""
+    idx = dsb_index(root)
+    idx = idx[(idx["modality_heuristic"] == modality) & (idx["height"] >= tile) & (idx["width"] >= tile)]
+    k = -(-size // tile)
+    if len(idx) < k * k:
+        raise ValueError(f"{len(idx)} {modality} DSB images of ≥ {tile}² px cannot fill a {size}² mosaic without repeats")
+    ids = np.random.default_rng(seed).permutation(idx["image_id"].to_numpy())[: k * k]
+    image = np.zeros((k * tile, k * tile), np.uint8)
+    labels = np.zeros((k * tile, k * tile), np.uint32)
+    offset = 0
+    for i, image_id in enumerate(ids):
+        r, c = divmod(i, k)
+        cell = (slice(r * tile, (r + 1) * tile), slice(c * tile, (c + 1) * tile))
+        image[cell] = dsb_image(root, image_id)[:tile, :tile].max(axis=-1)
+        lab = relabel_sequential(dsb_labels(root, image_id)[:tile, :tile].astype(np.uint32))[0]
+        labels[cell] = np.where(lab > 0, lab + offset, 0)
+        offset += int(lab.max())
+    shift = (tile // 2, tile // 2)
+    image, labels = np.roll(image, shift, (0, 1))[:size, :size], np.roll(labels, shift, (0, 1))[:size, :size]
+    return image, relabel_sequential(labels)[0]
