@@ -1,0 +1,63 @@
+"""The AMT² schedule of CUPre: K rounds of (a) self-supervised learning of the backbone on unlabelled
+target images and (b) supervised segmentation of the whole model on the labelled source domain, the
+backbone under L2-SP towards the weights (a) left; then (c) fine-tuning on the labelled target subset,
+under L2-SP towards the pretrained backbone for CUPre++ and with plain weight decay for CUPre.
+
+A model is split into a *backbone* (trained by every phase), a *neck* and a *head*; for the Cellpose-SAM
+network the backbone is the ViT (``encoder.*`` but the neck), the neck SAM's neck (``encoder.neck.*``,
+which self-supervision trains too, being the encoder's output) and the head the read-out (``out``,
+``refine``, ``size``, ``classify``). :func:`phase_setup` turns a phase into what the training loop needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from phenoscope.fewshot.l2sp import L2SP, l2sp_param_groups
+from phenoscope.train.optim import param_groups
+
+__all__ = ["Phase", "amt2_schedule", "is_backbone", "phase_setup"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase: ``kind`` ssl | source | finetune, the data it reads, what trains, and whether
+    the backbone is held by L2-SP (anchored at its weights when the phase starts)."""
+
+    name: str
+    kind: str
+    data: str  # target_unlabelled | source | target_labelled
+    trains: str  # encoder (backbone + neck) | all
+    l2sp: bool
+
+
+def amt2_schedule(rounds: int, plus: bool = False) -> list[Phase]:
+    """The phases of CUPre (``plus``: CUPre++) with ``rounds`` ≥ 1 AMT² rounds."""
+    if rounds < 1:
+        raise ValueError(f"AMT² needs at least one round, got {rounds}")
+    phases = []
+    for k in range(1, rounds + 1):
+        phases.append(Phase(f"ssl-{k}", "ssl", "target_unlabelled", "encoder", False))
+        phases.append(Phase(f"source-{k}", "source", "source", "all", True))
+    phases.append(Phase("finetune", "finetune", "target_labelled", "all", plus))
+    return phases
+
+
+def is_backbone(name: str) -> bool:
+    """Whether a Cellpose-SAM parameter name belongs to the backbone (the ViT without its neck)."""
+    return name.startswith("encoder.") and not name.startswith("encoder.neck.")
+
+
+def phase_setup(net: nn.Module, phase: Phase, alpha: float = 0.5, strength: float = 1e-4) -> tuple[list[dict], L2SP | None]:
+    """Set which parameters of a Cellpose-SAM network train in ``phase`` (``requires_grad``) and return the
+    optimiser groups (``lr_mult`` / ``wd_mult``) and the L2-SP term to add to the loss (None without):
+    under L2-SP the backbone gets no plain weight decay, the neck and head keep it."""
+    for name, p in net.named_parameters():
+        p.requires_grad_(phase.trains == "all" or name.startswith("encoder."))
+    named = list(net.named_parameters())
+    if not phase.l2sp:
+        return param_groups(named), None
+    reg = L2SP([(n, p) for n, p in named if is_backbone(n)], alpha, strength)
+    return l2sp_param_groups(named, reg.names), reg
