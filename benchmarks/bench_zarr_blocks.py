@@ -100,14 +100,14 @@ def main() -> None:
         ref = model.predict_masks(image, diameter=args.diameter).masks
         out.update(whole_s=round(time.perf_counter() - t, 1), whole_rss_gb=round(_rss_gb(), 2), whole_cells=int(ref.max()))
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=40) as cluster, Client(cluster) as client:
+                      silence_logs=40, env={"NUMBA_NUM_THREADS": "1"}) as cluster, Client(cluster) as client:
         t = time.perf_counter()
         summary = segment_zarr(src, work / "out.zarr", model, diameter=args.diameter, block=args.block,
                                executor=DaskExecutor(cluster.scheduler_address, args.workers), progress=False)
         out["blocks_s"] = round(time.perf_counter() - t, 1)
         rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         out["worker_rss_gb"] = [round(v, 2) for v in rss.values()]
-    out.update(cells=summary.get("cells"), failed=summary["failed"])
+    out.update(cells=summary.get("cells"), failed=summary["failed"], main_rss_gb=round(_rss_gb(), 2))
     if ref is not None:
         import zarr
 

@@ -229,8 +229,9 @@ class DaskExecutor(Executor):
         except ImportError:
             raise InputError("a dask cluster needs the 'distributed' package: pip install 'phenoscope[dask]'") from None
         if self.address is None:
+            # one thread per worker for numba too (dask sets torch's and BLAS's; numba would use every core)
             with LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                              silence_logs=40) as cluster, Client(cluster) as client:
+                              silence_logs=40, env={"NUMBA_NUM_THREADS": "1"}) as cluster, Client(cluster) as client:
                 yield client
             return
         try:

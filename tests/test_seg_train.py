@@ -325,3 +325,32 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, start_model):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert [int(float(r["step"])) for r in rows] == list(range((done["epoch"] + 1) * 8))  # no step lost or repeated
+
+
+def test_volumes_train_through_their_planes(tmp_path, dsb_dir):
+    """A (Z, Y, X) label volume beside its image volume gives one training pair per YX, ZY and ZX plane
+    that holds cells, normalised over the volume (as 3D inference sees it), objects split by connectivity."""
+    from phenoscope.datasets import dsb_image, dsb_index, dsb_labels
+    from phenoscope.segment.training.data import read_pairs
+    from phenoscope.segment.volume import volume_input
+
+    image_id = dsb_index(dsb_dir).query("height == 256 and width == 256")["image_id"].iloc[0]
+    img, lab = dsb_image(dsb_dir, image_id)[:64, :48, 0], dsb_labels(dsb_dir, image_id)[:64, :48]
+    vol = np.stack([np.roll(img, z, 1) for z in range(20)])
+    labels = np.stack([np.roll(lab, z, 1) for z in range(20)])
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    imwrite_tiff(tmp_path / "images" / "vol.tif", vol)
+    imwrite_tiff(tmp_path / "labels" / "vol_masks.tif", labels)
+    cfg = variant("nano")
+    read = read_pairs(find_pairs(tmp_path / "images", tmp_path / "labels"), cfg)
+    shapes = {p[0].shape for p in read}
+    assert shapes <= {(3, 64, 48), (3, 20, 48), (3, 20, 64)} and len(shapes) == 3
+    expected = 20 + sum(labels[:, y].any() for y in range(64)) + sum(labels[:, :, x].any() for x in range(48))
+    assert len(read) == expected
+    x = volume_input(vol, 0, None, 3, cfg.merge_identical_channels)
+    np.testing.assert_array_equal(read[0][0][: x.shape[0]], x[:, 0])
+    assert all(len(np.unique(p[1])) - 1 == p[1].max() for p in read)  # labels 1..n per plane
+    imwrite_tiff(tmp_path / "labels" / "vol_masks.tif", labels[:, :-1])
+    with pytest.raises(ValueError, match="label volume has shape"):
+        read_pairs(find_pairs(tmp_path / "images", tmp_path / "labels"), cfg)

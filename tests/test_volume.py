@@ -111,3 +111,33 @@ def test_cli_segments_a_volume_as_the_api_does(tmp_path, dsb_dir, capsys):
         assert problem in capsys.readouterr().err
     assert main(["segment", str(tmp_path / "vol.tif"), "--out", str(tmp_path / "no"), "--z-axis", "1"]) == 2
     assert "volumes only" in capsys.readouterr().err
+
+
+def test_plane_by_plane_flows_match_cellpose_stitch_mode(pair, dsb_dir):
+    """cellpose's stitch mode (2D eval of every Z plane of a volume normalised as a whole) and our
+    ``segment_planes`` see the same per-plane flows; the stitching itself is tested against stitch3D above."""
+    theirs, ours = pair
+    vol = _volume(dsb_dir)
+    _, flows, _ = theirs.eval(vol, z_axis=0, channel_axis=3, stitch_threshold=0.25, compute_masks=False)
+    res = ours.segment_planes(vol, z_axis=0, channel_axis=3, stitch_threshold=0.25)
+    assert res.flows.shape == flows[1].shape == (2, *vol.shape[:3]) and res.masks.shape == vol.shape[:3]
+    assert np.abs(res.flows - flows[1]).max() <= TOL and np.abs(res.cellprob - flows[2]).max() <= TOL
+
+
+def test_cli_stitch_threshold(tmp_path, dsb_dir):
+    import tifffile
+
+    from phenoscope.cli import main
+    from phenoscope.core.io import imwrite_tiff
+    from phenoscope.segment import load_model
+
+    vol = _volume(dsb_dir, depth=5, size=(64, 64))[..., 0]
+    imwrite_tiff(tmp_path / "vol.tif", vol)
+    assert main(["segment", str(tmp_path / "vol.tif"), "--out", str(tmp_path / "out"), "--do-3d",
+                 "--stitch-threshold", "0.25", "--diameter", "20"]) == 0
+    masks = tifffile.imread(tmp_path / "out" / "vol_masks.tif")
+    expected = load_model().segment_planes(vol, diameter=20, stitch_threshold=0.25).masks
+    assert masks.max() > 0 and np.array_equal(masks, expected)
+    # a nucleus shifted by a pixel per plane is one 3D object through several planes
+    assert max(len(np.unique(np.nonzero(masks == v)[0])) for v in np.unique(masks)[1:]) >= 3
+    assert main(["segment", str(tmp_path / "vol.tif"), "--out", str(tmp_path / "no"), "--stitch-threshold", "0.25"]) == 2

@@ -47,6 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--z-axis", type=int, default=None, help="with --do-3d: the Z axis of the volumes (default 0)")
     p.add_argument("--anisotropy", type=float, default=None,
                    help="with --do-3d: Z spacing / XY spacing (e.g. 2 when planes are twice as far apart as pixels)")
+    p.add_argument("--stitch-threshold", type=float, default=0.0, metavar="IOU",
+                   help="with --do-3d: segment each Z plane in 2D and join masks of adjacent planes with IoU ≥ IOU "
+                        "(cellpose's stitch mode) instead of 3D flows")
     p.add_argument("--overwrite", action="store_true",
                    help="redo images whose outputs exist, also when they come from another model or parameters")
     p.add_argument("--save-seg", action="store_true", help="also write a cellpose-compatible <stem>_seg.npy")
@@ -72,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     params = SegmentParams(args.diameter, MaskOptions(args.flow_threshold, args.cellprob_threshold, args.min_size),
                            args.tile_overlap, args.tta, args.channel_axis, args.batch_size, args.do_3d,
-                           0 if args.z_axis is None else args.z_axis, args.anisotropy)  # ValueError: one line, exit 2
+                           0 if args.z_axis is None else args.z_axis, args.anisotropy, args.stitch_threshold)  # ValueError: one line, exit 2
     save = [kind for kind in ("seg", "outlines", "rois", "geojson") if getattr(args, f"save_{kind}")]
     cp_names = None if args.cp_names is None else [n for n in args.cp_names.split(",") if n]
     try:

@@ -84,12 +84,17 @@ class SegmentParams:
     do_3d: bool = False  # volumes: flows from the YX, ZY and ZX planes, then 3D dynamics (cellpose's do_3D)
     z_axis: int = 0  # the volume's Z axis (with do_3d)
     anisotropy: float | None = None  # Z spacing / XY spacing (with do_3d)
+    stitch_threshold: float = 0.0  # with do_3d, > 0: 2D masks per Z plane joined by IoU ≥ this (cellpose's stitch mode)
 
     def __post_init__(self) -> None:
         if self.do_3d and isinstance(self.diameter, str):
             raise ValueError("diameter 'auto' is 2D only; give the diameter in px for a volume")
-        if not self.do_3d and (self.z_axis != 0 or self.anisotropy is not None):
-            raise ValueError("z_axis and anisotropy apply to volumes only (do_3d)")
+        if not self.do_3d and (self.z_axis != 0 or self.anisotropy is not None or self.stitch_threshold):
+            raise ValueError("z_axis, anisotropy and stitch_threshold apply to volumes only (do_3d)")
+        if not 0 <= self.stitch_threshold <= 1:
+            raise ValueError(f"stitch_threshold must be in [0, 1], got {self.stitch_threshold}")
+        if self.stitch_threshold and self.anisotropy is not None:
+            raise ValueError("anisotropy applies to 3D flows; stitching segments each Z plane in 2D")
         if self.anisotropy is not None and not self.anisotropy > 0:
             raise ValueError(f"anisotropy must be > 0, got {self.anisotropy}")
 
@@ -149,7 +154,7 @@ def manifest_for(model: str | Path, params: SegmentParams) -> dict[str, Any]:
     else:
         weights = _weights_file(model)
         identity = {"model": str(weights.resolve()), "sha256": _sha256(weights)}
-        volume_only = () if params.do_3d else ("do_3d", "z_axis", "anisotropy")  # 2D manifests keep their keys
+        volume_only = () if params.do_3d else ("do_3d", "z_axis", "anisotropy", "stitch_threshold")  # 2D keeps its keys
         parameters = {k: v for k, v in asdict(params).items() if k != "batch_size" and k not in volume_only}
     return {**identity, "parameters": parameters, "phenoscope": __version__}
 
@@ -222,7 +227,10 @@ class _Network:
 
     def __call__(self, image: np.ndarray) -> tuple:
         p = self.params
-        if p.do_3d:
+        if p.do_3d and p.stitch_threshold:
+            res = self.model.segment_planes(image, p.z_axis, p.channel_axis, p.diameter, p.stitch_threshold, p.options,
+                                            p.tile_overlap, p.batch_size, p.tta)
+        elif p.do_3d:
             res = self.model.segment_3d(image, p.z_axis, p.channel_axis, p.diameter, p.anisotropy, p.options,
                                         p.tile_overlap, p.batch_size, p.tta)
         else:

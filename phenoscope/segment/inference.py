@@ -110,6 +110,12 @@ class CellposeSAM:
         """All output maps (maps, H, W) of an image at its original size: dY, dX, cellprob, then the class
         logits of a network with classes (:mod:`phenoscope.segment.semantic`)."""
         x = network_input(image, channel_axis, self.cfg.in_chans, self.cfg.merge_identical_channels)
+        return self.predict_normalised(x, diameter, tile_overlap, batch_size, tta)
+
+    def predict_normalised(self, x: np.ndarray, diameter: float | None = None, tile_overlap: float = 0.1,
+                           batch_size: int = 8, tta: bool = False) -> np.ndarray:
+        """All output maps (maps, H, W) of a normalised (C, H, W) network input: resized by ``diameter``,
+        tiled, and resized back."""
         h, w = x.shape[1:]
         rescale = self.rescale(diameter)
         if rescale != 1.0:
@@ -117,9 +123,7 @@ class CellposeSAM:
             if min(ly, lx) < 1:
                 raise ValueError(f"diameter {diameter} shrinks the {h}×{w} image to nothing")
             x = resize_chw(x, ly, lx)
-        y = self.run_tiled(x, tile_overlap, batch_size, tta)
-        del x
-        return resize_chw(y, h, w)
+        return resize_chw(self.run_tiled(x, tile_overlap, batch_size, tta), h, w)
 
     def predict_3d(
         self,
@@ -173,6 +177,39 @@ class CellposeSAM:
                                           tta, smooth)
         return SegmentResult(masks=self.masks(flows, cellprob, diameter, options), flows=flows, cellprob=cellprob,
                              diameter=diameter)
+
+    def segment_planes(
+        self,
+        volume: np.ndarray,
+        z_axis: int = 0,
+        channel_axis: int | None = None,
+        diameter: float | None = None,
+        stitch_threshold: float = 0.25,
+        options: MaskOptions | None = None,
+        tile_overlap: float = 0.1,
+        batch_size: int = 8,
+        tta: bool = False,
+    ) -> SegmentResult:
+        """3D masks (Z, Y, X) of a volume from 2D masks of each Z plane joined by IoU ≥ ``stitch_threshold``
+        (:func:`phenoscope.segment.volume.stitch_planes`; cellpose's ``stitch_threshold`` mode). The volume is
+        normalised as a whole, as in :meth:`segment_3d`; flows are (2, Z, Y, X) = per-plane (dY, dX). As in
+        cellpose, hole filling and ``options.min_size`` apply to the stitched 3D masks, not to the planes."""
+        import dataclasses
+
+        from phenoscope.segment.dynamics import fill_holes_and_remove_small_masks
+        from phenoscope.segment.volume import stitch_planes, volume_input
+
+        options = options or MaskOptions()
+        per_plane = dataclasses.replace(options, min_size=-1)
+        x = volume_input(volume, z_axis, channel_axis, self.cfg.in_chans, self.cfg.merge_identical_channels)
+        flows, cellprob, masks = [], [], []
+        for z in range(x.shape[1]):
+            y = self.predict_normalised(np.ascontiguousarray(x[:, z]), diameter, tile_overlap, batch_size, tta)
+            flows.append(y[:2])
+            cellprob.append(y[2])
+            masks.append(self.masks(y[:2], y[2], diameter, per_plane))
+        stitched = fill_holes_and_remove_small_masks(stitch_planes(np.stack(masks), stitch_threshold), options.min_size)
+        return SegmentResult(masks=stitched, flows=np.stack(flows, axis=1), cellprob=np.stack(cellprob), diameter=diameter)
 
     def rescale(self, diameter: float | None) -> float:
         """Resize factor bringing cells of ``diameter`` px to the network's 30 px (1.0 if not given)."""

@@ -82,8 +82,12 @@ def read_pairs(pairs: list[tuple[Path, Path]], net_cfg: NetConfig) -> list[tuple
     read, errors = [], []
     for img_path, lab_path in pairs:
         try:
-            image = load_training_image(img_path, net_cfg.in_chans, net_cfg.merge_identical_channels)
             labels = imread(lab_path)
+            if labels.ndim == 3:  # a volume: trained through its planes
+                read.extend(volume_planes(imread(img_path), check_labels(labels, f"label volume {lab_path.name}"),
+                                          net_cfg))
+                continue
+            image = load_training_image(img_path, net_cfg.in_chans, net_cfg.merge_identical_channels)
             if labels.ndim != 2 or labels.shape != image.shape[1:]:
                 raise ValueError(f"label image {lab_path.name} has shape {labels.shape}, image is {image.shape[1:]}")
             read.append((image, check_labels(labels, f"label image {lab_path.name}").astype(np.int32)))
@@ -93,6 +97,32 @@ def read_pairs(pairs: list[tuple[Path, Path]], net_cfg: NetConfig) -> list[tuple
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
         raise ValueError(f"{len(errors)} training pair(s) could not be used: " + "; ".join(errors[:3]) + more)
     return read
+
+
+def volume_planes(volume: np.ndarray, labels: np.ndarray, net_cfg: NetConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Training pairs (image (in_chans, h, w), int32 labels (h, w)) from the YX, ZY and ZX planes of a
+    volume (Z first: ZYX, or 4D with channels) and its (Z, Y, X) labels, as the 3D mode sees them at
+    inference (normalised over the whole volume). Planes without cells, or with a side shorter than
+    16 px, are skipped; each plane's objects are split into connected pieces (a 3D cell can cut a plane
+    twice)."""
+    from skimage.measure import label
+
+    from phenoscope.segment.preprocess import MIN_SIDE
+    from phenoscope.segment.volume import volume_input
+
+    x = volume_input(volume, 0, None, net_cfg.in_chans, net_cfg.merge_identical_channels)
+    if x.shape[1:] != labels.shape:
+        raise ValueError(f"label volume has shape {labels.shape}, the volume is {x.shape[1:]}")
+    out = []
+    for axis in range(3):  # planes across Z (YX), Y (ZX) and X (ZY)
+        for k in range(labels.shape[axis]):
+            lab = np.take(labels, k, axis=axis)
+            if min(lab.shape) < MIN_SIDE or not lab.any():
+                continue
+            img = np.zeros((net_cfg.in_chans, *lab.shape), np.float32)
+            img[: x.shape[0]] = np.take(x, k, axis=axis + 1)
+            out.append((img, label(lab, background=0, connectivity=1).astype(np.int32)))
+    return out
 
 
 def to_samples(read: list[tuple[np.ndarray, np.ndarray]], cache_dir: Path | None, progress: bool = True) -> list[Sample]:
