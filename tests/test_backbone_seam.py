@@ -224,6 +224,7 @@ def pretrained(tmp_path_factory):
     return root / "ssl" / "backbone.safetensors", data
 
 
+@pytest.mark.slow  # ≈ 75 s: pretrains, then trains segmentation
 def test_moco_pretrained_encoder_starts_segmentation_training(pretrained, tmp_path, monkeypatch):
     from phenoscope.cli import main
     from phenoscope.segment.checkpoint import load_network

@@ -196,6 +196,7 @@ def test_segment_files_on_a_local_cluster_equal_serial(tmp_path, dsb_dir):
         assert (tmp_path / "serial" / f"{f.stem}_cells.csv").read_bytes() == (tmp_path / "dask" / f"{f.stem}_cells.csv").read_bytes()
 
 
+@pytest.mark.slow  # ≈ 35 s; the 4096² test runs on workers too, and segment_files covers the executor
 def test_blocks_on_a_local_cluster(tmp_path, mosaic, model):
     """The same cells through dask workers (the model scattered once, labels published beside a Client)."""
     pytest.importorskip("distributed")

@@ -70,6 +70,8 @@ def test_large_has_cpsam_shapes(reference):
     assert round(n / 1e6, 1) == 304.6
 
 
+# slow (≈ 100 s): the full 24-block network; the default suite checks the same code path on 1-block cpsam (test_inference)
+@pytest.mark.slow
 def test_large_matches_cellpose_on_dsb_tiles(reference, dsb_dir):
     net = import_cellpose_state(reference.state_dict()).eval()
     x = torch.from_numpy(dsb_tiles(dsb_dir, 2))

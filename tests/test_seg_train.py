@@ -267,6 +267,7 @@ def test_ddp_train_two_cpu_processes(tmp_path, start_model):
     assert (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # ≈ 65 s: fine-tunes a full cpsam-shaped network
 def test_finetune_from_a_cellpose_checkpoint_with_the_paper_recipe(tmp_path):
     from phenoscope.cli import main
     from phenoscope.segment import load_model

@@ -131,12 +131,15 @@ def test_cli_stitch_threshold(tmp_path, dsb_dir):
     from phenoscope.core.io import imwrite_tiff
     from phenoscope.segment import load_model
 
-    vol = _volume(dsb_dir, depth=5, size=(64, 64))[..., 0]
+    from phenoscope.datasets import image_mosaic
+
+    img = image_mosaic(dsb_dir, 256, 256, seed=1)[0]  # real fluorescence nuclei
+    vol = np.stack([np.roll(img, z, 1) for z in range(5)])
     imwrite_tiff(tmp_path / "vol.tif", vol)
     assert main(["segment", str(tmp_path / "vol.tif"), "--out", str(tmp_path / "out"), "--do-3d",
-                 "--stitch-threshold", "0.25", "--diameter", "20"]) == 0
+                 "--stitch-threshold", "0.25", "--diameter", "30"]) == 0
     masks = tifffile.imread(tmp_path / "out" / "vol_masks.tif")
-    expected = load_model().segment_planes(vol, diameter=20, stitch_threshold=0.25).masks
+    expected = load_model().segment_planes(vol, diameter=30, stitch_threshold=0.25).masks
     assert masks.max() > 0 and np.array_equal(masks, expected)
     # a nucleus shifted by a pixel per plane is one 3D object through several planes
     assert max(len(np.unique(np.nonzero(masks == v)[0])) for v in np.unique(masks)[1:]) >= 3
