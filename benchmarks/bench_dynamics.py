@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from phenoscope.datasets import data_root, label_mosaic  # noqa: E402
+from phenoscope.testing import label_pairs  # noqa: E402
 from phenoscope.segment import compute_masks, masks_to_flows  # noqa: E402
 from phenoscope.testing import import_cellpose  # noqa: E402
 
@@ -39,7 +40,7 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
 def same_labels(a: np.ndarray, b: np.ndarray) -> bool:
     if a.max() != b.max() or not np.array_equal(a > 0, b > 0):
         return False
-    return np.unique(np.stack([a.ravel(), b.ravel()]), axis=1).shape[1] == a.max() + 1
+    return label_pairs(a, b).shape[1] == a.max() + 1
 
 
 def main() -> None:

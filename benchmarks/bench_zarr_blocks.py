@@ -31,6 +31,7 @@ from phenoscope.datasets import data_root, image_mosaic  # noqa: E402
 from phenoscope.eval.segmentation import average_precision  # noqa: E402
 from phenoscope.segment.blocks import segment_zarr  # noqa: E402
 from phenoscope.segment.inference import load_model  # noqa: E402
+from phenoscope.testing import crossing_cells, label_pairs  # noqa: E402
 
 
 def _rss_gb() -> float:
@@ -48,32 +49,6 @@ def _write_image(path: Path, size: int, block: int, seed: int) -> tuple[np.ndarr
         for x in range(0, size, base):
             z[y : y + base, x : x + base] = image[: size - y, : size - x]
     return (image if size == base else None), str(path)
-
-
-def label_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(2, n) the distinct (a, b) label pairs of co-located pixels."""
-    base = np.int64(b.max()) + 1
-    codes = np.unique(a.astype(np.int64).ravel() * base + b.astype(np.int64).ravel())
-    return np.stack([codes // base, codes % base])
-
-
-def crossing_cells(ref: np.ndarray, got: np.ndarray, block: int) -> tuple[int, int]:
-    """(cells of ``ref`` with pixels on both sides of a block border, how many of them ``got`` cuts or merges)."""
-    crossing: set[int] = set()
-    for b in range(block, ref.shape[0], block):
-        crossing |= set(np.intersect1d(ref[b - 1], ref[b]).tolist())
-    for b in range(block, ref.shape[1], block):
-        crossing |= set(np.intersect1d(ref[:, b - 1], ref[:, b]).tolist())
-    crossing.discard(0)
-    pairs = label_pairs(ref, got)
-    per_ref = np.bincount(pairs[0], minlength=ref.max() + 1)  # labels of got that each ref cell touches (incl. 0)
-    per_got = np.bincount(pairs[1], minlength=got.max() + 1)
-    bad = 0
-    for v in crossing:
-        mine = pairs[1][pairs[0] == v]
-        if len(mine) != 1 or mine[0] == 0 or per_got[mine[0]] != 1 or per_ref[v] != 1:
-            bad += 1
-    return len(crossing), bad
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from phenoscope.batch import DaskExecutor, InputError, Item, SerialExecutor, run
 from phenoscope.segment.blocks import BlockLayout, bilinear_taps, resize_window, segment_zarr  # noqa: E402
 from phenoscope.segment.blocks import source_span  # noqa: E402
 from phenoscope.segment.preprocess import resize_chw  # noqa: E402
+from phenoscope.testing import crossing_cells, label_pairs  # noqa: E402
 
 
 def _write_zarr(path: Path, image: np.ndarray, chunks: int = 256) -> str:
@@ -76,16 +77,10 @@ def test_blocks_give_the_cells_of_the_whole_image(tmp_path, mosaic, model, diame
     summary = segment_zarr(src, tmp_path / "out.zarr", model, diameter=diameter, block=128, progress=False)
     got = _labels(tmp_path / "out.zarr")
     assert summary["failed"] == [] and summary["cells"] == ref.max() == len(np.unique(got)) - 1
-    pairs = np.unique(np.stack([ref.ravel(), got.ravel()]), axis=1)
+    pairs = label_pairs(ref, got)
     assert pairs.shape[1] == ref.max() + 1 and (pairs[0] > 0).sum() == (pairs[1] > 0).sum() == ref.max()
-    crossing = set()
-    for b in range(128, 512, 128):  # cells with pixels on both sides of a block border
-        crossing |= set(np.intersect1d(ref[b - 1], ref[b]).tolist()) | set(np.intersect1d(ref[:, b - 1], ref[:, b]).tolist())
-    crossing.discard(0)
-    assert len(crossing) >= 5
-    for v in crossing:  # neither cut (one label) nor merged (that label has no other pixels)
-        (mine,) = np.unique(got[ref == v])
-        assert mine > 0 and (got == mine).sum() == (ref == v).sum()
+    n_cross, n_bad = crossing_cells(ref, got, 128)  # cells with pixels on both sides of a block border
+    assert n_cross >= 5 and n_bad == 0  # neither cut (one label) nor merged (that label has no other pixels)
     # the per-cell table: one row per cell, areas and centroids of the written labels
     import pandas as pd
 
@@ -206,7 +201,7 @@ def test_blocks_on_a_local_cluster(tmp_path, mosaic, model):
                            executor=DaskExecutor(workers=2), progress=False)
     ref = model.predict_masks(image, diameter=30).masks
     got = _labels(tmp_path / "out.zarr")
-    pairs = np.unique(np.stack([ref.ravel(), got.ravel()]), axis=1)
+    pairs = label_pairs(ref, got)
     assert summary["failed"] == [] and pairs.shape[1] == len(np.unique(ref)) == len(np.unique(got))
 
 
@@ -216,9 +211,6 @@ def test_4096_mosaic_on_two_workers_has_no_seams(tmp_path, dsb_dir, model):
     the whole-image run's pixel for pixel (so AP@0.9 = 1), and no cell crossing a block border is cut or
     merged (the count is printed)."""
     pytest.importorskip("distributed")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_zarr_blocks import crossing_cells
-
     from phenoscope.datasets import image_mosaic
     from phenoscope.eval.segmentation import average_precision
 
