@@ -20,7 +20,7 @@ import sys
 __all__ = ["EXPECTED_ERRORS", "SUBCOMMANDS", "build_parser", "main"]
 
 # Subcommand modules, in the order shown by --help. Missing modules are skipped.
-SUBCOMMANDS = ("demo", "segment", "segment_zarr", "train", "pretrain", "embed", "profile", "export")
+SUBCOMMANDS = ("demo", "segment", "segment_zarr", "train", "pretrain", "fewshot", "embed", "profile", "export")
 # Failures a user can fix (bad input, missing or unreadable files): one line, exit code 2.
 EXPECTED_ERRORS = (ValueError, OSError)
 

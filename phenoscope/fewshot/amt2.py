@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from phenoscope.fewshot.l2sp import L2SP, l2sp_param_groups
+from phenoscope.segment.net import is_backbone
+from phenoscope.train.l2sp import L2SP, l2sp_param_groups
 from phenoscope.train.optim import param_groups
 
 __all__ = ["Phase", "amt2_schedule", "is_backbone", "phase_setup"]
@@ -43,11 +44,6 @@ def amt2_schedule(rounds: int, plus: bool = False) -> list[Phase]:
         phases.append(Phase(f"source-{k}", "source", "source", "all", True))
     phases.append(Phase("finetune", "finetune", "target_labelled", "all", plus))
     return phases
-
-
-def is_backbone(name: str) -> bool:
-    """Whether a Cellpose-SAM parameter name belongs to the backbone (the ViT without its neck)."""
-    return name.startswith("encoder.") and not name.startswith("encoder.neck.")
 
 
 def phase_setup(net: nn.Module, phase: Phase, alpha: float = 0.5, strength: float = 1e-4) -> tuple[list[dict], L2SP | None]:

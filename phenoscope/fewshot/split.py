@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["FewShotSplit", "cross_domain_split", "labelled_subset", "write_split"]
+__all__ = ["FewShotSplit", "cross_domain_split", "labelled_subset", "target_split", "write_split"]
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,21 @@ def cross_domain_split(index: pd.DataFrame, source: str, target: str, domain_col
     for d, found in ids.items():
         if not found:
             raise ValueError(f"no images of domain {d!r} in the index (domains: {sorted(index[domain_column].unique())})")
-    tgt = ids[target]
-    if len(tgt) < n_test + n_val + 1:
-        raise ValueError(f"domain {target!r} has {len(tgt)} images: too few for {n_test} test + {n_val} validation + a pool")
-    order = [tgt[i] for i in np.random.default_rng(split_seed).permutation(len(tgt))]
+    return target_split(ids[target], n_test, n_val, fractions, seeds, split_seed, source=ids[source], name=f"domain {target!r}")
+
+
+def target_split(target: tuple[str, ...], n_test: int = 30, n_val: int = 12, fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 1.0),
+                 seeds: tuple[int, ...] = (0, 1, 2), split_seed: int = 0, source: tuple[str, ...] = (),
+                 name: str = "the target") -> FewShotSplit:
+    """Permute the ``target`` ids (``split_seed``) into ``n_test`` test, ``n_val`` validation and the rest, the
+    pool, with its labelled subsets; ``ValueError`` if there are too few for the parts."""
+    target = tuple(sorted(target))
+    if len(target) < n_test + n_val + 1:
+        raise ValueError(f"{name} has {len(target)} images: too few for {n_test} test + {n_val} validation + a pool")
+    order = [target[i] for i in np.random.default_rng(split_seed).permutation(len(target))]
     test, val, pool = (tuple(sorted(part)) for part in (order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]))
     labelled = {(f, s): labelled_subset(pool, f, s) for f in fractions for s in seeds}
-    return FewShotSplit(ids[source], test, val, pool, labelled)
+    return FewShotSplit(tuple(sorted(source)), test, val, pool, labelled)
 
 
 def write_split(split: FewShotSplit, folder: str | Path) -> list[Path]:

@@ -21,7 +21,8 @@ from phenoscope.profiling.metrics import cosine_similarity_matrix  # noqa: E402
 from phenoscope.profiling.table import feature_matrix, require_columns  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_png(fig: plt.Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG (120 dpi) atomically and close it; returns the path."""
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
@@ -54,7 +55,7 @@ def plot_umap(profiles: pd.DataFrame, color: str, path: str | Path, seed: int = 
         ax.scatter(emb[rows, 0], emb[rows, 1], s=18, color=colour, marker=marker, label=str(value), edgecolors="none")
     ax.set(xlabel="UMAP 1", ylabel="UMAP 2", title=f"UMAP coloured by {color}")
     ax.legend(fontsize=7, markerscale=1.3, bbox_to_anchor=(1.01, 1), loc="upper left")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_similarity_matrix(profiles: pd.DataFrame, label: str, path: str | Path, features: Sequence[str] | None = None) -> Path:
@@ -76,7 +77,7 @@ def plot_similarity_matrix(profiles: pd.DataFrame, label: str, path: str | Path,
         ax.set_xticks([])
     fig.colorbar(im, ax=ax, label="cosine similarity")
     ax.set_title(f"Clustered cosine similarity ({label})")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_confusion(y_true: Sequence, y_pred: Sequence, path: str | Path, labels: Sequence | None = None) -> Path:
@@ -93,7 +94,7 @@ def plot_confusion(y_true: Sequence, y_pred: Sequence, path: str | Path, labels:
     ax.set_xticks(range(len(labels)), [str(v) for v in labels], rotation=90, fontsize=7)
     ax.set_yticks(range(len(labels)), [str(v) for v in labels], fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 REPORT_STYLE = (

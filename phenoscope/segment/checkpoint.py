@@ -133,22 +133,43 @@ def save_encoder(
     return save_checkpoint(path, encoder.state_dict(), ENCODER_KIND, dataclasses.asdict(encoder.cfg), preprocessing, provenance)
 
 
-def load_encoder_into(net: CellposeSAMNet, path: str | Path) -> None:
-    """Copy the encoder weights of a ``seg-encoder`` checkpoint into ``net.encoder``, strictly.
+def encoder_weights(path: str | Path, cfg: NetConfig) -> dict[str, torch.Tensor]:
+    """The encoder weights of ``path`` for an encoder of config ``cfg``: a ``seg-encoder`` checkpoint (with
+    the SSL-only ``mask_token``), or the encoder of a whole network (ours or cellpose's).
 
-    ``ValueError`` naming the file if it is another kind, if its config differs from ``net.cfg`` in a
-    field that shapes the encoder (listing the differences), or if the weights do not match (key diff).
-    The SSL-only ``mask_token`` is not part of the segmentation network and is left out.
-    """
+    ``ValueError`` naming the file if it is another kind or if its config differs from ``cfg`` in a field
+    that shapes the encoder (listing the differences)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"init backbone not found: {path}")
-    ckpt = read_checkpoint(path)
-    if ckpt.kind != ENCODER_KIND:
-        raise ValueError(f"{path}: a {ckpt.kind!r} checkpoint, not a segmentation encoder ({ENCODER_KIND!r})")
-    cfg = net_config(ckpt.config, str(path))
-    diff = [f"{name}: checkpoint {getattr(cfg, name)!r}, network {getattr(net.cfg, name)!r}"
-            for name in _ENCODER_FIELDS if getattr(cfg, name) != getattr(net.cfg, name)]
+    ckpt = read_checkpoint(path) if path.suffix == ".safetensors" else None
+    if ckpt is not None and ckpt.kind == ENCODER_KIND:
+        found, state = net_config(ckpt.config, str(path)), dict(ckpt.state)
+    elif ckpt is None or ckpt.kind == KIND:
+        net = load_network(path)
+        found, state = net.cfg, net.encoder.state_dict()
+    else:
+        raise ValueError(f"{path}: a {ckpt.kind!r} checkpoint, not a segmentation encoder ({ENCODER_KIND!r}) or network")
+    diff = [f"{name}: checkpoint {getattr(found, name)!r}, network {getattr(cfg, name)!r}"
+            for name in _ENCODER_FIELDS if getattr(found, name) != getattr(cfg, name)]
     if diff:
         raise ValueError(f"{path}: encoder config does not match the network ({'; '.join(diff)})")
-    load_state_strict(net.encoder, {k: v for k, v in ckpt.state.items() if k != "mask_token"}, str(path))
+    return state
+
+
+def load_encoder_into(net: CellposeSAMNet, path: str | Path) -> None:
+    """Copy the encoder weights of ``path`` (:func:`encoder_weights`; not its mask token, which the
+    segmentation network has none of) into ``net.encoder``, strictly (``ValueError`` with the key diff)."""
+    state = encoder_weights(path, net.cfg)
+    state.pop("mask_token", None)
+    load_state_strict(net.encoder, state, str(path))
+
+
+def load_encoder(path: str | Path, cfg: NetConfig) -> Encoder:
+    """A pretrainable encoder of config ``cfg`` started from the encoder weights of ``path``
+    (:func:`encoder_weights`), strictly; its mask token is the file's, or fresh if the file has none."""
+    enc = Encoder(cfg, mask_token=True)
+    state = encoder_weights(path, cfg)
+    state.setdefault("mask_token", enc.mask_token.detach().clone())
+    load_state_strict(enc, state, str(path))
+    return enc

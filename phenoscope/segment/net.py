@@ -79,6 +79,12 @@ VARIANTS: dict[str, NetConfig] = {
 }
 
 
+def is_backbone(name: str) -> bool:
+    """Whether a :class:`CellposeSAMNet` parameter name belongs to the backbone: the ViT of the encoder,
+    not its neck (``encoder.neck.*``) nor the read-out (``out``, ``refine``, ``size``, ``classify``)."""
+    return name.startswith("encoder.") and not name.startswith("encoder.neck.")
+
+
 def variant(name: str, **overrides) -> NetConfig:
     """The named configuration (``large``, ``small``, ``tiny``, ``nano``), optionally with fields overridden."""
     if name not in VARIANTS:

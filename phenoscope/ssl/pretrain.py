@@ -57,7 +57,8 @@ class _CommonConfig:
     method: str = "dino"
     backbone: str = "vit"
     bag_of_channels: bool = False  # train a 1-channel ViT on every channel as its own image
-    init_checkpoint: str = ""  # dinov2-format checkpoint to start from (channel expansion if needed)
+    init_checkpoint: str = ""  # start from: a dinov2-format checkpoint (vit; channels expanded if needed), or a
+    # seg-encoder checkpoint or segmentation network whose encoder matches seg-<variant>
     vit: ViTConfig = field(default_factory=ViTConfig)
     cnn: CNNConfig = field(default_factory=CNNConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -148,7 +149,8 @@ def build_backbone(cfg: PretrainConfig, in_chans: int) -> Backbone:
 
     ``vit``: a :class:`CellViT` with ``in_chans`` channels; ``cnn``: a :class:`CellCNN` likewise.
     ``seg-<variant>``: the Cellpose-SAM encoder of that variant with a mask token (its own ``in_chans``;
-    the data are zero-padded to it).
+    the data are zero-padded to it), random or the encoder of ``init_checkpoint`` (a ``seg-encoder``
+    checkpoint or a segmentation network).
     """
     if cfg.backbone == "vit":
         if cfg.init_checkpoint:
@@ -156,16 +158,19 @@ def build_backbone(cfg: PretrainConfig, in_chans: int) -> Backbone:
         return CellViT(ViTConfig(**{**to_dict(cfg.vit), "in_chans": in_chans}))
     if cfg.backbone not in backbone_names():
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {backbone_names()}")
-    if cfg.init_checkpoint or cfg.bag_of_channels:
-        raise ValueError(f"init_checkpoint and bag_of_channels apply to the vit backbone only, not {cfg.backbone!r}")
+    if cfg.bag_of_channels:
+        raise ValueError(f"bag_of_channels applies to the vit backbone only, not {cfg.backbone!r}")
     if cfg.backbone == "cnn":
+        if cfg.init_checkpoint:
+            raise ValueError("init_checkpoint applies to the vit and seg-<variant> backbones, not cnn")
         return CellCNN(replace(cfg.cnn, in_chans=in_chans))
+    from phenoscope.segment.checkpoint import load_encoder
     from phenoscope.segment.net import Encoder, variant
 
     net_cfg = variant(cfg.backbone.removeprefix(SEG_PREFIX))
     if in_chans > net_cfg.in_chans:
         raise ValueError(f"{cfg.backbone} takes at most {net_cfg.in_chans} channels, the data have {in_chans}")
-    return Encoder(net_cfg, mask_token=True)
+    return load_encoder(cfg.init_checkpoint, net_cfg) if cfg.init_checkpoint else Encoder(net_cfg, mask_token=True)
 
 
 def build_objective(cfg: PretrainConfig, backbone: Backbone) -> nn.Module:
@@ -210,6 +215,9 @@ def prepare_pretraining(cfg: PretrainConfig, data: list[str | Path]) -> Pretrain
     method = get_method(cfg.method)
     source = build_source(data, cfg.data)
     n_chans = source[0].shape[0]
+    if is_segmentation_backbone(cfg):  # as segmentation reads images: a constant last plane (alpha) is no channel
+        while n_chans > 1 and np.ptp(source[0][n_chans - 1]) == 0:
+            n_chans -= 1
     if cfg.bag_of_channels:
         source = ChannelsAsSamples(source, n_chans)
     backbone = build_backbone(cfg, 1 if cfg.bag_of_channels else n_chans)

@@ -30,14 +30,15 @@ class Sample:
     classes: np.ndarray | None = None
 
 
-def find_pairs(images: str | Path, labels: str | Path) -> list[tuple[Path, Path]]:
-    """Match every image in ``images`` to ``labels/<stem>{,_masks,_labels,...}.<ext>``; error lists the unmatched."""
+def find_pairs(images: str | Path, labels: str | Path, only: set[str] | None = None) -> list[tuple[Path, Path]]:
+    """Match every image in ``images`` (with ``only``: every image whose stem it holds; the others may have
+    no labels) to ``labels/<stem>{,_masks,_labels,...}.<ext>``; error lists the unmatched."""
     images, labels = Path(images), Path(labels)
     for d in (images, labels):
         if not d.is_dir():
             raise FileNotFoundError(f"not a folder: {d}")
     pairs, missing = [], []
-    for img in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for img in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and (only is None or p.stem in only)):
         lab = label_file_for(img, labels)
         (pairs.append((img, lab)) if lab is not None else missing.append(img.name))
     if missing:
@@ -139,10 +140,12 @@ def read_ids(path: str | Path) -> set[str]:
 
 
 def split_pairs(pairs: list[tuple[Path, Path]], val_ids: str = "", val_fraction: float = 0.1, seed: int = 0,
-                exclude_ids: str = "") -> tuple[list, list]:
+                exclude_ids: str = "", train_ids: str = "") -> tuple[list, list]:
     """(train, val) pairs: the stems listed in the file ``val_ids``, else a ``val_fraction`` drawn with ``seed``.
 
-    The stems listed in ``exclude_ids`` are in neither (e.g. a test split kept out of model selection)."""
+    The stems listed in ``exclude_ids`` are in neither (e.g. a test split kept out of model selection).
+    With ``train_ids``, training takes only the stems that file lists (each must have a pair that is
+    neither validated on nor excluded: ``ValueError`` otherwise)."""
     if exclude_ids:
         excluded = read_ids(exclude_ids)
         pairs = [p for p in pairs if p[0].stem not in excluded]
@@ -158,7 +161,17 @@ def split_pairs(pairs: list[tuple[Path, Path]], val_ids: str = "", val_fraction:
         chosen = set(rng.choice(len(pairs), size=n_val, replace=False).tolist()) if n_val else set()
         val = [p for i, p in enumerate(pairs) if i in chosen]
     val_set = {p[0] for p in val}
-    return [p for p in pairs if p[0] not in val_set], val
+    train = [p for p in pairs if p[0] not in val_set]
+    if train_ids:
+        wanted = read_ids(train_ids)
+        if not wanted:
+            raise ValueError(f"{train_ids}: lists no training image")
+        unknown = wanted - {p[0].stem for p in train}
+        if unknown:
+            raise ValueError(f"{len(unknown)} training id(s) in {train_ids} have no image (or are validated on or excluded), "
+                             f"e.g. {sorted(unknown)[:3]}")
+        train = [p for p in train if p[0].stem in wanted]
+    return train, val
 
 
 class SegmentationDataset(Dataset):

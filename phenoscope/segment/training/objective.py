@@ -11,6 +11,7 @@ from torch import nn
 from phenoscope.segment.net import CellposeSAMNet
 from phenoscope.segment.semantic import class_loss
 from phenoscope.segment.training.data import Sample
+from phenoscope.train.l2sp import L2SP, l2sp_param_groups
 
 
 def cellpose_loss(y: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,15 +29,20 @@ class CellposeLoss(nn.Module):
     """Objective for the generic loop: the cellpose loss with per-step seeded layer drop, plus validation.
 
     A batch with ``classes`` (B, H, W) class targets adds the class loss
-    (:func:`phenoscope.segment.semantic.class_loss`, batch inverse-frequency weights) of the network's class maps."""
+    (:func:`phenoscope.segment.semantic.class_loss`, batch inverse-frequency weights) of the network's class maps.
+    With ``l2sp`` (over parameter names of this module, ``net.*``) its penalty joins the loss and its
+    parameters get no plain weight decay."""
 
     find_unused_parameters = True  # layer drop skips blocks
 
     def __init__(self, net: CellposeSAMNet, layer_drop: float = 0.0, seed: int = 0,
-                 val: list[Sample] | None = None, val_every: int = 0) -> None:
+                 val: list[Sample] | None = None, val_every: int = 0, l2sp: L2SP | None = None) -> None:
         super().__init__()
         self.net, self.layer_drop, self.seed = net, layer_drop, seed
-        self.val, self.val_every = val or [], val_every
+        self.val, self.val_every, self.l2sp = val or [], val_every, l2sp
+
+    def param_groups(self) -> list[dict]:
+        return l2sp_param_groups(self.named_parameters(), self.l2sp.names if self.l2sp else set())
 
     def forward(self, batch: dict[str, torch.Tensor], progress) -> dict[str, torch.Tensor]:
         import torch.distributed as dist
@@ -49,6 +55,9 @@ class CellposeLoss(nn.Module):
         if "classes" in batch:
             cls = class_loss(y[:, self.net.cfg.nout:].float(), batch["classes"])
             out.update(loss=out["loss"] + cls, class_loss=cls.detach())
+        if self.l2sp is not None:
+            penalty = self.l2sp.penalty()
+            out.update(loss=out["loss"] + penalty, l2sp=penalty.detach())
         return out
 
     def on_epoch_end(self, epoch: int) -> dict[str, float] | None:

@@ -27,11 +27,13 @@ import torch
 
 from phenoscope.config import to_dict
 from phenoscope.core.io import atomic_write
-from phenoscope.segment.net import CellposeSAMNet, build_net
+from phenoscope.segment.net import CellposeSAMNet, build_net, is_backbone
 from phenoscope.segment.size import SizeFit
 from phenoscope.segment.training.augment import SegAugmentConfig, augment_sample, log_uniform
-from phenoscope.segment.training.data import Sample, SegmentationDataset, find_pairs, read_pairs, split_pairs, to_samples
+from phenoscope.segment.training.data import (Sample, SegmentationDataset, find_pairs, read_ids, read_pairs, split_pairs,
+                                               to_samples)
 from phenoscope.segment.training.objective import CellposeLoss
+from phenoscope.train.l2sp import L2SP
 from phenoscope.train.loop import TrainConfig
 
 
@@ -64,6 +66,9 @@ class SegTrainConfig:
     val_fraction: float = 0.1  # used when no val_ids file is given
     val_ids: str = ""  # file with one validation image stem per line
     exclude_ids: str = ""  # file of image stems used neither for training nor validation (a held-out test split)
+    train_ids: str = ""  # file of the image stems to train on (default: every pair not validated on or excluded)
+    l2sp_strength: float = 0.0  # > 0: L2-SP (train.l2sp) of the encoder's ViT towards its starting weights, no weight decay on it
+    l2sp_alpha: float = 0.5  # L2-SP: weight of the pull to the starting weights (1 - alpha: to zero)
     val_every: int = 5  # epochs between validation runs (0: never)
     val_max_images: int = 0  # 0: all validation images
     cache_dir: str = ""  # flow cache (default: <out>/flow_cache)
@@ -85,6 +90,14 @@ def initial_network(model: str, init_backbone: str = "", skip: int = 0) -> Cellp
     if skip and net.cfg.skip != skip:
         net = with_refine(net, skip)
     return net
+
+
+def anchored_backbone(net: CellposeSAMNet, cfg: SegTrainConfig) -> L2SP | None:
+    """L2-SP over the ViT of ``net`` (names as :class:`CellposeLoss` sees them, ``net.*``) anchored at its
+    current weights, or None when ``cfg.l2sp_strength`` is 0."""
+    if not cfg.l2sp_strength:
+        return None
+    return L2SP([(f"net.{n}", p) for n, p in net.named_parameters() if is_backbone(n)], cfg.l2sp_alpha, cfg.l2sp_strength)
 
 
 def fit_size(
@@ -121,8 +134,9 @@ def train_segmentation(
     rank, _, _ = setup_distributed()
     torch.manual_seed(cfg.train.seed)
     net = initial_network(cfg.model, cfg.init_backbone, cfg.skip)
-    train_pairs, val_pairs = split_pairs(find_pairs(images, labels), cfg.val_ids, cfg.val_fraction, cfg.train.seed,
-                                        cfg.exclude_ids)
+    listed = read_ids(cfg.train_ids) | (read_ids(cfg.val_ids) if cfg.val_ids else set()) if cfg.train_ids else None
+    train_pairs, val_pairs = split_pairs(find_pairs(images, labels, listed), cfg.val_ids, cfg.val_fraction, cfg.train.seed,
+                                        cfg.exclude_ids, cfg.train_ids)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "flow_cache"
     train_read, val_read = read_pairs(train_pairs, net.cfg), read_pairs(val_pairs, net.cfg)  # all checked before any write
     samples = to_samples(train_read, cache, progress=rank == 0)
@@ -136,7 +150,7 @@ def train_segmentation(
         with atomic_write(out_dir / "split.json", "w") as fh:
             json.dump({"train": [p[0].stem for p in train_pairs], "val": [p[0].stem for p in val_pairs]}, fh, indent=1)
     dataset = SegmentationDataset(samples, cfg.augment, net.cfg.tile, cfg.train.seed, cfg.min_images_per_epoch)
-    objective = CellposeLoss(net, cfg.layer_drop, cfg.train.seed, val, cfg.val_every)
+    objective = CellposeLoss(net, cfg.layer_drop, cfg.train.seed, val, cfg.val_every, anchored_backbone(net, cfg))
     summary = train(objective, dataset, cfg.train, out_dir, resume)
     if rank == 0 and summary["finished"]:
         net = net.cpu()

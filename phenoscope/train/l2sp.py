@@ -43,6 +43,8 @@ class L2SP:
         """Ω (a scalar tensor in the parameters' graph)."""
         total = torch.zeros((), device=next(iter(self.params.values())).device)
         for name, p in self.params.items():
+            if self.anchors[name].device != p.device:  # the loop moved the model
+                self.anchors[name] = self.anchors[name].to(p.device)
             total = total + self.alpha * (p - self.anchors[name]).pow(2).sum() + (1 - self.alpha) * p.pow(2).sum()
         return self.strength * total
 
