@@ -99,7 +99,10 @@ def _config_class(path: Path) -> type:
     from phenoscope.ssl.pretrain import PretrainConfig
 
     folder = path.relative_to(REPO).parts[1]
-    classes = {"segment": SegTrainConfig, "ssl": PretrainConfig, "jurkat_ssl": PretrainConfig, "seg_frontier": SegTrainConfig}
+    from phenoscope.fewshot.grid import FewShotConfig
+
+    classes = {"segment": SegTrainConfig, "ssl": PretrainConfig, "jurkat_ssl": PretrainConfig, "seg_frontier": SegTrainConfig,
+               "fewshot": FewShotConfig}
     if folder == "profile":
         from phenoscope.profiling.pipeline import ProfileConfig
 
