@@ -29,6 +29,7 @@ import numpy as np
 from phenoscope.config import to_dict
 from phenoscope.core.io import IMAGE_SUFFIXES, atomic_write, label_file_for
 from phenoscope.fewshot.amt2 import amt2_schedule
+from phenoscope.segment.net import CellposeSAMNet
 from phenoscope.segment.training.run import SegLoopConfig, SegTrainConfig
 from phenoscope.ssl.pretrain import PretrainConfig
 from phenoscope.train.loop import CHECKPOINT, TRAINER_STATE
@@ -122,18 +123,14 @@ def _labelled(ids: tuple[str, ...], where: str, images: dict[str, Path], labels:
 
 def _ssl_backbone(cfg: FewShotConfig) -> str:
     """seg-<variant> of the encoder, checked against ``cfg.model`` (``ValueError`` naming a mismatched file)."""
-    from phenoscope.core.checkpoint import read_checkpoint
-    from phenoscope.segment.checkpoint import KIND, encoder_weights
+    from phenoscope.segment.checkpoint import check_encoder_fits, load_network
     from phenoscope.segment.net import VARIANTS, variant
 
     name = cfg.ssl_backbone or (f"seg-{cfg.model}" if cfg.model in VARIANTS else "")
     if not name.startswith("seg-") or name.removeprefix("seg-") not in VARIANTS:
         raise ValueError(f"ssl_backbone must be seg-<variant> ({', '.join(VARIANTS)}) for model {cfg.model!r}, got {name!r}")
     if cfg.model not in VARIANTS:  # the init network must be a network, and fit the encoder
-        path = Path(cfg.model)
-        if path.suffix == ".safetensors" and path.is_file() and read_checkpoint(path).kind != KIND:
-            raise ValueError(f"{path}: a {read_checkpoint(path).kind!r} checkpoint, not a segmentation network ({KIND!r})")
-        encoder_weights(path, variant(name.removeprefix("seg-")))
+        check_encoder_fits(load_network(cfg.model).cfg, variant(name.removeprefix("seg-")), cfg.model)
     return name
 
 
@@ -241,8 +238,9 @@ def _starts(cfg: FewShotConfig, data: FewShotData, out: Path, inits: list[str]) 
 
     phases = out / "phases"
     starts: dict[str, tuple[str, str, float]] = {}
-    source = lambda folder, model, **kw: _supervised(cfg.source, cfg.source_images, cfg.source_labels, folder, model,  # noqa: E731
-                                                     data.source_ids, **kw)
+    def source(folder: Path, model: str, **kw: Any) -> Path:
+        return _supervised(cfg.source, cfg.source_images, cfg.source_labels, folder, model, data.source_ids, **kw)
+
     if "scratch" in inits:
         starts["scratch"] = (cfg.model, "", 0.0)
     if {"ssl", "cupre", "cupre++"} & set(inits):
@@ -263,9 +261,9 @@ def _starts(cfg: FewShotConfig, data: FewShotData, out: Path, inits: list[str]) 
     return {k: v for k, v in starts.items() if k in inits}
 
 
-def evaluate(model: str | Path, images: str, labels: str, ids: tuple[str, ...]) -> dict[str, float]:
-    """Scores of a network on the listed target images at their native size: AP at IoU 0.5 / 0.75 / 0.9
-    (cellpose's definition, mean over images) and COCO AP_segm / AP50_segm (LIVECell limits)."""
+def evaluate(model: CellposeSAMNet | str | Path, images: str, labels: str, ids: tuple[str, ...]) -> dict[str, float]:
+    """Scores of a network (or its file) on the listed target images at their native size: AP at IoU
+    0.5 / 0.75 / 0.9 (cellpose's definition, mean over images) and COCO AP_segm / AP50_segm (LIVECell limits)."""
     import torch
 
     from phenoscope.eval.segmentation import average_precision, coco_ap
@@ -273,7 +271,7 @@ def evaluate(model: str | Path, images: str, labels: str, ids: tuple[str, ...]) 
     from phenoscope.segment.inference import CellposeSAM
     from phenoscope.segment.training.data import find_pairs, read_pairs
 
-    net = load_network(model)
+    net = model if isinstance(model, CellposeSAMNet) else load_network(model)
     read = read_pairs(find_pairs(images, labels, set(ids)), net.cfg)
     seg = CellposeSAM(net, torch.device("cpu"))
     preds = [seg.segment(np.moveaxis(image, 0, -1), channel_axis=-1).masks for image, _ in read]
@@ -288,6 +286,7 @@ def run_grid(cfg: FewShotConfig, out: str | Path, log: Callable[[str], None] = p
     """Train what is missing of the grid, score every run, and write ``results.csv``, ``summary.csv``,
     ``phases.csv``, ``fewshot.png`` and ``report.html`` under ``out``; returns the result rows."""
     from phenoscope.fewshot.report import write_report
+    from phenoscope.segment.checkpoint import load_network
 
     out = Path(out)
     data = check_inputs(cfg)
@@ -307,10 +306,11 @@ def run_grid(cfg: FewShotConfig, out: str | Path, log: Callable[[str], None] = p
                     trained = _supervised(cfg.finetune, cfg.target_images, cfg.target_labels, folder, model,
                                           data.labelled[(pc, seed)], backbone, l2sp, cfg.l2sp_alpha, seed,
                                           Path(cfg.split) / "target_test.txt")
+                    net = load_network(trained)
                     row = {"init": init, "percent": pc, "seed": seed,
                            "n_labelled": len(_ids(data.labelled[(pc, seed)])),
-                           **evaluate(trained, cfg.target_images, cfg.target_labels, data.test),
-                           **{f"val_{k}": v for k, v in evaluate(trained, cfg.target_images, cfg.target_labels,
+                           **evaluate(net, cfg.target_images, cfg.target_labels, data.test),
+                           **{f"val_{k}": v for k, v in evaluate(net, cfg.target_images, cfg.target_labels,
                                                                    data.val).items() if k in ("ap50", "coco_ap_segm")},
                            "finetune_cpu_min": _Timer(folder).spent["cpu_min"]}
                     with atomic_write(done, "w") as fh:

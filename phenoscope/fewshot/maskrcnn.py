@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from phenoscope.train.l2sp import L2SP, l2sp_param_groups
+from phenoscope.train.l2sp import L2SP, l2sp_param_groups, with_penalty
 from phenoscope.train.loop import TrainConfig
 
 __all__ = ["MaskRCNNConfig", "MaskRCNNLoss", "MaskRCNNPhases", "ResNetTokens", "build_maskrcnn", "detection_target",
@@ -148,10 +148,7 @@ class MaskRCNNLoss(nn.Module):
         self.model.train()
         losses = self.model([b["image"] for b in batch], [b["target"] for b in batch])
         out = {"loss": sum(losses.values()), **{k: v.detach() for k, v in losses.items()}}
-        if self.l2sp is not None:
-            penalty = self.l2sp.penalty()
-            out.update(loss=out["loss"] + penalty, l2sp=penalty.detach())
-        return out
+        return with_penalty(out, self.l2sp)
 
 
 @torch.no_grad()

@@ -150,11 +150,17 @@ def encoder_weights(path: str | Path, cfg: NetConfig) -> dict[str, torch.Tensor]
         found, state = net.cfg, net.encoder.state_dict()
     else:
         raise ValueError(f"{path}: a {ckpt.kind!r} checkpoint, not a segmentation encoder ({ENCODER_KIND!r}) or network")
+    check_encoder_fits(found, cfg, path)
+    return state
+
+
+def check_encoder_fits(found: NetConfig, cfg: NetConfig, where: str | Path) -> None:
+    """``ValueError`` naming ``where`` and listing the fields that shape the encoder's weights in which the
+    config ``found`` (a file's) differs from ``cfg`` (the network's)."""
     diff = [f"{name}: checkpoint {getattr(found, name)!r}, network {getattr(cfg, name)!r}"
             for name in _ENCODER_FIELDS if getattr(found, name) != getattr(cfg, name)]
     if diff:
-        raise ValueError(f"{path}: encoder config does not match the network ({'; '.join(diff)})")
-    return state
+        raise ValueError(f"{where}: encoder config does not match the network ({'; '.join(diff)})")
 
 
 def load_encoder_into(net: CellposeSAMNet, path: str | Path) -> None:

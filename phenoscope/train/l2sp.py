@@ -14,7 +14,7 @@ from torch import nn
 
 from phenoscope.train.optim import param_groups
 
-__all__ = ["L2SP", "l2sp_param_groups"]
+__all__ = ["L2SP", "l2sp_param_groups", "with_penalty"]
 
 
 class L2SP:
@@ -47,6 +47,14 @@ class L2SP:
                 self.anchors[name] = self.anchors[name].to(p.device)
             total = total + self.alpha * (p - self.anchors[name]).pow(2).sum() + (1 - self.alpha) * p.pow(2).sum()
         return self.strength * total
+
+
+def with_penalty(out: dict[str, torch.Tensor], reg: L2SP | None) -> dict[str, torch.Tensor]:
+    """An objective's outputs with Ω added to ``loss`` and logged as ``l2sp`` (unchanged when ``reg`` is None)."""
+    if reg is None:
+        return out
+    penalty = reg.penalty()
+    return {**out, "loss": out["loss"] + penalty, "l2sp": penalty.detach()}
 
 
 def l2sp_param_groups(named: Iterable[tuple[str, nn.Parameter]], anchored: set[str], **kwargs) -> list[dict]:

@@ -11,7 +11,7 @@ from torch import nn
 from phenoscope.segment.net import CellposeSAMNet
 from phenoscope.segment.semantic import class_loss
 from phenoscope.segment.training.data import Sample
-from phenoscope.train.l2sp import L2SP, l2sp_param_groups
+from phenoscope.train.l2sp import L2SP, l2sp_param_groups, with_penalty
 
 
 def cellpose_loss(y: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,10 +55,7 @@ class CellposeLoss(nn.Module):
         if "classes" in batch:
             cls = class_loss(y[:, self.net.cfg.nout:].float(), batch["classes"])
             out.update(loss=out["loss"] + cls, class_loss=cls.detach())
-        if self.l2sp is not None:
-            penalty = self.l2sp.penalty()
-            out.update(loss=out["loss"] + penalty, l2sp=penalty.detach())
-        return out
+        return with_penalty(out, self.l2sp)
 
     def on_epoch_end(self, epoch: int) -> dict[str, float] | None:
         last = epoch + 1
