@@ -80,30 +80,45 @@ def test_l2sp_gradient_is_analytic_and_anchored_params_get_no_weight_decay():
 
 
 def test_amt2_schedule_trains_the_right_parameters_with_the_right_regulariser():
-    from phenoscope.fewshot import amt2_schedule, is_backbone, phase_setup
+    """Each phase as the grid runs it: SSL trains the encoder alone (the objective ``pretrain`` builds for
+    ``seg-<variant>``, whose weights go into ``net.encoder``); the source and fine-tuning phases train the
+    whole network through ``CellposeLoss``, the backbone under L2-SP without weight decay where the phase
+    says so, the neck and head with plain weight decay."""
+    from dataclasses import replace
+
+    from phenoscope.fewshot import amt2_schedule, is_backbone
+    from phenoscope.fewshot.grid import FewShotConfig, _phase_l2sp
     from phenoscope.segment.net import build_net
+    from phenoscope.segment.training.objective import CellposeLoss
+    from phenoscope.segment.training.run import SegTrainConfig, anchored_backbone
+    from phenoscope.ssl.pretrain import build_backbone, build_objective
 
     phases = amt2_schedule(2)
     assert [p.name for p in phases] == ["ssl-1", "source-1", "ssl-2", "source-2", "finetune"]
     assert [p.l2sp for p in phases] == [False, True, False, True, False] and amt2_schedule(1, plus=True)[-1].l2sp
+    cfg = FewShotConfig(l2sp_strength=1e-3)
     net = build_net("nano")
     names = [n for n, _ in net.named_parameters()]
     backbone = {n for n in names if is_backbone(n)}
     assert backbone and "encoder.neck.0.weight" not in backbone and "out.weight" not in backbone
-    for phase in phases:
-        groups, reg = phase_setup(net, phase)
-        trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-        wd = {n: g["wd_mult"] for g in groups for n in g["names"]}
-        assert set(wd) == trainable
+    for phase in phases + amt2_schedule(1, plus=True)[-1:]:
         if phase.kind == "ssl":  # the encoder (backbone + neck) only, no L2-SP
-            assert trainable == {n for n in names if n.startswith("encoder.")} and reg is None
-        else:
-            assert trainable == set(names)
+            pc = replace(cfg.ssl, backbone="seg-nano")
+            objective = build_objective(pc, build_backbone(pc, 3))
+            encoder = {f"encoder.{n}" for n, _ in objective.backbone.named_parameters() if n != "mask_token"}
+            assert encoder == {n for n in names if n.startswith("encoder.")}
+            continue
+        strength = _phase_l2sp(phase, cfg)
+        assert strength == (cfg.l2sp_strength if phase.l2sp else 0.0)
+        loss = CellposeLoss(net, l2sp=anchored_backbone(net, SegTrainConfig(l2sp_strength=strength)))
+        wd = {n.removeprefix("net."): g["wd_mult"] for g in loss.param_groups() for n in g["names"]}
+        assert set(wd) == set(names)  # the whole network trains
         if phase.l2sp:  # the backbone under L2-SP without weight decay; neck and head weights decay
-            assert reg.names == backbone and all(wd[n] == 0.0 for n in backbone)
+            assert {n.removeprefix("net.") for n in loss.l2sp.names} == backbone
+            assert all(wd[n] == 0.0 for n in backbone)
             assert wd["out.weight"] == 1.0 and wd["encoder.neck.0.weight"] == 1.0
-        elif phase.kind != "ssl":
-            assert reg is None and wd["encoder.blocks.0.attn.qkv.weight"] == 1.0
+        else:
+            assert loss.l2sp is None and wd["encoder.blocks.0.attn.qkv.weight"] == 1.0
 
 
 def test_moco_v2_queue_and_momentum_updates_on_the_segmentation_encoder():

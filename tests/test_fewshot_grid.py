@@ -58,8 +58,9 @@ def test_committed_benchmark_config_loads_and_checks_against_the_real_split(dsb_
     cfg = replace(cfg, **{k: str(dsb_dir / Path(getattr(cfg, k)).name) for k in
                           ("source_images", "source_labels", "target_images", "target_labels")})
     data = check_inputs(cfg)
-    assert (len(data.source), len(data.test), len(data.val), len(data.pool)) == (541, 30, 12, 65)
-    assert data.ssl_backbone == "seg-nano" and len(data.labelled) == len(cfg.fractions) * len(cfg.seeds)
+    split = data.split
+    assert (len(split.source), len(split.target_test), len(split.target_val), len(split.target_pool)) == (541, 30, 12, 65)
+    assert data.ssl_backbone == "seg-nano" and len(data.labelled_files) == len(split.labelled) == len(cfg.fractions) * len(cfg.seeds)
 
 
 @pytest.mark.parametrize("breakage, message", [

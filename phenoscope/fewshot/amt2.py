@@ -6,20 +6,18 @@ under L2-SP towards the pretrained backbone for CUPre++ and with plain weight de
 A model is split into a *backbone* (trained by every phase), a *neck* and a *head*; for the Cellpose-SAM
 network the backbone is the ViT (``encoder.*`` but the neck), the neck SAM's neck (``encoder.neck.*``,
 which self-supervision trains too, being the encoder's output) and the head the read-out (``out``,
-``refine``, ``size``, ``classify``). :func:`phase_setup` turns a phase into what the training loop needs.
+``refine``, ``size``, ``classify``). The grid (:mod:`phenoscope.fewshot.grid`) runs an ``ssl`` phase with
+``pretrain`` on the encoder alone and the others with ``train_segmentation`` on the whole network, its
+``l2sp_strength`` set where ``Phase.l2sp`` is (:func:`phenoscope.segment.training.run.anchored_backbone`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from phenoscope.segment.net import is_backbone
-from phenoscope.train.l2sp import L2SP, l2sp_param_groups
-from phenoscope.train.optim import param_groups
 
-__all__ = ["Phase", "amt2_schedule", "is_backbone", "phase_setup"]
+__all__ = ["Phase", "amt2_schedule", "is_backbone"]
 
 
 @dataclass(frozen=True)
@@ -45,15 +43,3 @@ def amt2_schedule(rounds: int, plus: bool = False) -> list[Phase]:
     phases.append(Phase("finetune", "finetune", "target_labelled", "all", plus))
     return phases
 
-
-def phase_setup(net: nn.Module, phase: Phase, alpha: float = 0.5, strength: float = 1e-4) -> tuple[list[dict], L2SP | None]:
-    """Set which parameters of a Cellpose-SAM network train in ``phase`` (``requires_grad``) and return the
-    optimiser groups (``lr_mult`` / ``wd_mult``) and the L2-SP term to add to the loss (None without):
-    under L2-SP the backbone gets no plain weight decay, the neck and head keep it."""
-    for name, p in net.named_parameters():
-        p.requires_grad_(phase.trains == "all" or name.startswith("encoder."))
-    named = list(net.named_parameters())
-    if not phase.l2sp:
-        return param_groups(named), None
-    reg = L2SP([(n, p) for n, p in named if is_backbone(n)], alpha, strength)
-    return l2sp_param_groups(named, reg.names), reg

@@ -28,7 +28,8 @@ import numpy as np
 
 from phenoscope.config import to_dict
 from phenoscope.core.io import IMAGE_SUFFIXES, atomic_write, label_file_for
-from phenoscope.fewshot.amt2 import amt2_schedule
+from phenoscope.fewshot.amt2 import Phase, amt2_schedule
+from phenoscope.fewshot.split import FewShotSplit
 from phenoscope.segment.net import CellposeSAMNet
 from phenoscope.segment.training.run import SegLoopConfig, SegTrainConfig
 from phenoscope.ssl.pretrain import PretrainConfig
@@ -80,14 +81,12 @@ class FewShotConfig:
 
 @dataclass(frozen=True)
 class FewShotData:
-    """The checked inputs: image stems of each part and the files of the images (and labels) it needs."""
+    """The checked inputs: the split's image stems (``split.labelled`` keyed by (percent / 100, seed)) and
+    the files training reads."""
 
-    source: tuple[str, ...]
-    test: tuple[str, ...]
-    val: tuple[str, ...]
-    pool: tuple[str, ...]
-    labelled: dict[tuple[int, int], Path]  # (percent, seed) → id file
-    pool_files: tuple[Path, ...]
+    split: FewShotSplit
+    labelled_files: dict[tuple[int, int], Path]  # (percent, seed) → id file
+    pool_files: tuple[Path, ...]  # images of the target pool
     source_ids: Path | None  # id file restricting the source, if any
     ssl_backbone: str
 
@@ -159,7 +158,7 @@ def check_inputs(cfg: FewShotConfig) -> FewShotData:
     missing = [i for i in parts["target_pool"] if i not in target_images]
     if missing:
         raise ValueError(f"{split / 'target_pool.txt'}: {len(missing)} id(s) have no image, e.g. {', '.join(missing[:3])}")
-    labelled = {}
+    labelled, files = {}, {}
     for pc in cfg.fractions:
         for seed in cfg.seeds:
             path = split / f"labelled_{pc}pc_seed{seed}.txt"
@@ -168,13 +167,13 @@ def check_inputs(cfg: FewShotConfig) -> FewShotData:
             outside = sorted(set(ids) - set(parts["target_pool"]))
             if outside:
                 raise ValueError(f"{path}: {len(outside)} id(s) are not in the target pool, e.g. {', '.join(outside[:3])}")
-            labelled[(pc, seed)] = path
+            labelled[(pc / 100, seed)], files[(pc, seed)] = ids, path
     overlap = sorted(set(parts["target_test"]) & (set(parts["target_pool"]) | set(parts["target_val"])))
     if overlap:
         raise ValueError(f"{split}: {len(overlap)} test id(s) are also in the pool or validation, e.g. {', '.join(overlap[:3])}")
-    return FewShotData(source, parts["target_test"], parts["target_val"], parts["target_pool"], labelled,
-                       tuple(target_images[i] for i in parts["target_pool"]), source_file if source_file.is_file() else None,
-                       _ssl_backbone(cfg))
+    return FewShotData(FewShotSplit(source, parts["target_test"], parts["target_val"], parts["target_pool"], labelled),
+                       files, tuple(target_images[i] for i in parts["target_pool"]),
+                       source_file if source_file.is_file() else None, _ssl_backbone(cfg))
 
 
 class _Timer:
@@ -232,6 +231,11 @@ def _supervised(base: SegTrainConfig, images: str, labels: str, folder: Path, mo
     return out
 
 
+def _phase_l2sp(phase: Phase, cfg: FewShotConfig) -> float:
+    """The L2-SP strength a supervised phase trains under: ``cfg.l2sp_strength`` where the schedule says so."""
+    return cfg.l2sp_strength if phase.l2sp else 0.0
+
+
 def _starts(cfg: FewShotConfig, data: FewShotData, out: Path, inits: list[str]) -> dict[str, tuple[str, str, float]]:
     """(model, init_backbone, L2-SP strength) of each fine-tuning init, training the shared phases it needs."""
     from phenoscope.segment.net import VARIANTS
@@ -255,9 +259,9 @@ def _starts(cfg: FewShotConfig, data: FewShotData, out: Path, inits: list[str]) 
                 encoder = str(_ssl_phase(cfg, data, phases / f"cupre-{phase.name}", model))
             elif phase.kind == "source":
                 model = str(source(phases / f"cupre-{phase.name}", model, init_backbone=encoder,
-                                   l2sp=cfg.l2sp_strength, alpha=cfg.l2sp_alpha))
-        starts["cupre"] = (model, "", 0.0)
-        starts["cupre++"] = (model, "", cfg.l2sp_strength)
+                                   l2sp=_phase_l2sp(phase, cfg), alpha=cfg.l2sp_alpha))
+        for name, plus in (("cupre", False), ("cupre++", True)):
+            starts[name] = (model, "", _phase_l2sp(amt2_schedule(cfg.rounds, plus)[-1], cfg))
     return {k: v for k, v in starts.items() if k in inits}
 
 
@@ -304,14 +308,14 @@ def run_grid(cfg: FewShotConfig, out: str | Path, log: Callable[[str], None] = p
                 if not done.is_file():
                     log(f"fine-tuning {init} on {pc} % of the target labels, seed {seed}")
                     trained = _supervised(cfg.finetune, cfg.target_images, cfg.target_labels, folder, model,
-                                          data.labelled[(pc, seed)], backbone, l2sp, cfg.l2sp_alpha, seed,
+                                          data.labelled_files[(pc, seed)], backbone, l2sp, cfg.l2sp_alpha, seed,
                                           Path(cfg.split) / "target_test.txt")
                     net = load_network(trained)
                     row = {"init": init, "percent": pc, "seed": seed,
-                           "n_labelled": len(_ids(data.labelled[(pc, seed)])),
-                           **evaluate(net, cfg.target_images, cfg.target_labels, data.test),
+                           "n_labelled": len(data.split.labelled[(pc / 100, seed)]),
+                           **evaluate(net, cfg.target_images, cfg.target_labels, data.split.target_test),
                            **{f"val_{k}": v for k, v in evaluate(net, cfg.target_images, cfg.target_labels,
-                                                                   data.val).items() if k in ("ap50", "coco_ap_segm")},
+                                                                   data.split.target_val).items() if k in ("ap50", "coco_ap_segm")},
                            "finetune_cpu_min": _Timer(folder).spent["cpu_min"]}
                     with atomic_write(done, "w") as fh:
                         json.dump(row, fh, indent=1)
