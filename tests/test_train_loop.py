@@ -211,3 +211,28 @@ def test_ddp_two_cpu_processes(tmp_path):
     rows = list(csv.DictReader(open(Path(tmp_path) / "o" / "log.csv")))
     assert len(rows) == 2 * (16 // (4 * 2))  # each rank sees half the data per epoch
     assert (tmp_path / "o" / "backbone.safetensors").exists()
+
+
+class _DtypeProbe(torch.nn.Module):
+    """A linear regression objective that records the dtype its layer computes in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.dtypes = torch.nn.Linear(4, 1), []
+
+    def forward(self, batch, progress):
+        y = self.layer(batch)
+        self.dtypes.append(y.dtype)
+        return {"loss": y.float().square().mean()}
+
+
+@pytest.mark.parametrize("cpu_bf16", [False, True])
+def test_cpu_bf16_autocast_only_where_the_cpu_has_native_bf16(tmp_path, cpu_bf16):
+    from phenoscope.train.loop import bf16_autocast, native_cpu_bf16
+
+    cfg = TrainConfig(epochs=1, batch_size=2, warmup_epochs=0, progress_bar=False, cpu_bf16=cpu_bf16)
+    probe = _DtypeProbe()
+    train(probe, torch.randn(4, 4), cfg, tmp_path)
+    want = torch.bfloat16 if cpu_bf16 and native_cpu_bf16() else torch.float32
+    assert probe.dtypes == [want, want] and probe.layer.weight.dtype == torch.float32  # weights stay fp32
+    assert bf16_autocast(TrainConfig(amp=True), torch.device("cuda")) and not bf16_autocast(TrainConfig(amp=False), torch.device("cuda"))
