@@ -169,6 +169,7 @@ def test_tiny_grid_runs_every_init_caches_shared_phases_and_resumes(tmp_path):
     assert cupre["l2sp_strength"] == cfg.l2sp_strength and cupre["model"].endswith("cupre-source-1/model.safetensors")
     source = json.loads((out / "phases" / "cupre-source-1" / "config.json").read_text())["config"]
     assert source["init_backbone"].endswith("ssl-1/backbone.safetensors") and source["l2sp_strength"] > 0
+    assert {Path(c["cache_dir"]) for c in (cupre, source)} == {out / "flow_cache"}  # one flow cache for the grid
     models = sorted(out.rglob("model.safetensors"))
     stamps = [p.stat().st_mtime_ns for p in models]
     assert run_grid(cfg, out, log=lambda _: None) == rows  # nothing is retrained

@@ -213,11 +213,12 @@ def _ssl_phase(cfg: FewShotConfig, data: FewShotData, folder: Path, start: str) 
     return out
 
 
-def _supervised(base: SegTrainConfig, images: str, labels: str, folder: Path, model: str, train_ids: Path | None,
+def _supervised(base: SegTrainConfig, images: str, labels: str, folder: Path, cache: Path, model: str, train_ids: Path | None,
                 init_backbone: str = "", l2sp: float = 0.0, alpha: float = 0.5, seed: int | None = None,
                 exclude: Path | None = None) -> Path:
     """Segmentation training of ``model`` (a variant or network file) on the listed images; returns its
-    ``model.safetensors`` (trained once: an existing one is kept)."""
+    ``model.safetensors`` (trained once: an existing one is kept). Flows are cached in ``cache`` unless
+    ``base.cache_dir`` names another folder."""
     from phenoscope.segment.training.run import train_segmentation
 
     out = folder / "model.safetensors"
@@ -225,7 +226,7 @@ def _supervised(base: SegTrainConfig, images: str, labels: str, folder: Path, mo
         train = base.train if seed is None else replace(base.train, seed=seed)
         c = replace(base, model=model, init_backbone=init_backbone, train_ids=str(train_ids or ""), val_ids="",
                     exclude_ids=str(exclude or ""), l2sp_strength=l2sp, l2sp_alpha=alpha, train=train,
-                    cache_dir=base.cache_dir or str(folder.parent.parent / "flow_cache"))
+                    cache_dir=base.cache_dir or str(cache))
         with _Timer(folder):
             _unfinished(train_segmentation(c, images, labels, folder, resume=True), folder)
     return out
@@ -243,7 +244,8 @@ def _starts(cfg: FewShotConfig, data: FewShotData, out: Path, inits: list[str]) 
     phases = out / "phases"
     starts: dict[str, tuple[str, str, float]] = {}
     def source(folder: Path, model: str, **kw: Any) -> Path:
-        return _supervised(cfg.source, cfg.source_images, cfg.source_labels, folder, model, data.source_ids, **kw)
+        return _supervised(cfg.source, cfg.source_images, cfg.source_labels, folder, out / "flow_cache", model,
+                           data.source_ids, **kw)
 
     if "scratch" in inits:
         starts["scratch"] = (cfg.model, "", 0.0)
@@ -307,7 +309,7 @@ def run_grid(cfg: FewShotConfig, out: str | Path, log: Callable[[str], None] = p
                 done = folder / "metrics.json"
                 if not done.is_file():
                     log(f"fine-tuning {init} on {pc} % of the target labels, seed {seed}")
-                    trained = _supervised(cfg.finetune, cfg.target_images, cfg.target_labels, folder, model,
+                    trained = _supervised(cfg.finetune, cfg.target_images, cfg.target_labels, folder, out / "flow_cache", model,
                                           data.labelled_files[(pc, seed)], backbone, l2sp, cfg.l2sp_alpha, seed,
                                           Path(cfg.split) / "target_test.txt")
                     net = load_network(trained)

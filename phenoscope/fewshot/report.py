@@ -49,6 +49,7 @@ def _plot(summary: pd.DataFrame, path: Path) -> Path:
                         capsize=3, label=init)
         ax.set(xlabel="labelled target images (% of the pool)", ylabel=label, xscale="log")
         ax.set_xticks(sorted(summary["percent"].unique()), [str(p) for p in sorted(summary["percent"].unique())])
+        ax.set_xticks([], minor=True)
         ax.grid(alpha=0.3)
     axes[0].legend(title="init")
     fig.suptitle("Few-shot segmentation on the target test split (mean ± sd over seeds)")
