@@ -155,6 +155,28 @@ def test_ssl_starts_from_a_network_encoder_and_a_mismatch_names_the_file(tmp_pat
         build_backbone(PretrainConfig(backbone="seg-tiny", init_checkpoint=str(tmp_path / "net.safetensors")), 3)
 
 
+def test_a_cellpose_cpsam_checkpoint_starts_the_grid_and_its_ssl_phase(tmp_path):
+    """``model`` = a cellpose cpsam file (random weights): the grid's checks accept it with the ``seg-large``
+    encoder, and the SSL phase starts from its encoder, weight for weight."""
+    from test_network import random_cpsam
+
+    from phenoscope.ssl.pretrain import PretrainConfig, build_backbone
+
+    ref = random_cpsam()
+    path = tmp_path / "cpsam.pt"
+    torch.save(ref.state_dict(), path)
+    cfg = replace(_benchmark(tmp_path), model=str(path))
+    with pytest.raises(ValueError, match="ssl_backbone must be seg-<variant>"):
+        check_inputs(cfg)  # a file gives no variant to name the encoder by
+    assert check_inputs(replace(cfg, ssl_backbone="seg-large")).ssl_backbone == "seg-large"
+    with pytest.raises(ValueError, match=r"cpsam.pt: encoder config does not match the network \(depth"):
+        check_inputs(replace(cfg, ssl_backbone="seg-nano"))
+    enc = build_backbone(PretrainConfig(backbone="seg-large", init_checkpoint=str(path)), 3)
+    theirs = ref.state_dict()
+    for name in ("patch_embed.proj.weight", "blocks.23.attn.qkv.weight", "blocks.0.attn.rel_pos_h"):
+        torch.testing.assert_close(enc.state_dict()[name], theirs[f"encoder.{name}"], rtol=0, atol=0)
+
+
 def test_tiny_grid_runs_every_init_caches_shared_phases_and_resumes(tmp_path):
     cfg = _benchmark(tmp_path)
     out = tmp_path / "grid"
