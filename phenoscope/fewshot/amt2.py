@@ -22,13 +22,13 @@ __all__ = ["Phase", "amt2_schedule", "is_backbone"]
 
 @dataclass(frozen=True)
 class Phase:
-    """One training phase: ``kind`` ssl | source | finetune, the data it reads, what trains, and whether
-    the backbone is held by L2-SP (anchored at its weights when the phase starts)."""
+    """One training phase and whether the backbone is held by L2-SP (anchored at its weights when the phase
+    starts). ``kind`` says what trains on what: ``ssl`` the encoder (backbone + neck) on the unlabelled target
+    images, ``source`` the whole model on the labelled source domain, ``finetune`` the whole model on the
+    labelled target subset."""
 
     name: str
-    kind: str
-    data: str  # target_unlabelled | source | target_labelled
-    trains: str  # encoder (backbone + neck) | all
+    kind: str  # ssl | source | finetune
     l2sp: bool
 
 
@@ -38,8 +38,8 @@ def amt2_schedule(rounds: int, plus: bool = False) -> list[Phase]:
         raise ValueError(f"AMT² needs at least one round, got {rounds}")
     phases = []
     for k in range(1, rounds + 1):
-        phases.append(Phase(f"ssl-{k}", "ssl", "target_unlabelled", "encoder", False))
-        phases.append(Phase(f"source-{k}", "source", "source", "all", True))
-    phases.append(Phase("finetune", "finetune", "target_labelled", "all", plus))
+        phases.append(Phase(f"ssl-{k}", "ssl", False))
+        phases.append(Phase(f"source-{k}", "source", True))
+    phases.append(Phase("finetune", "finetune", plus))
     return phases
 

@@ -134,7 +134,9 @@ def train_segmentation(
     rank, _, _ = setup_distributed()
     torch.manual_seed(cfg.train.seed)
     net = initial_network(cfg.model, cfg.init_backbone, cfg.skip)
-    listed = read_ids(cfg.train_ids) | (read_ids(cfg.val_ids) if cfg.val_ids else set()) if cfg.train_ids else None
+    listed = None  # with train_ids, only the listed and validation images need labels
+    if cfg.train_ids:
+        listed = read_ids(cfg.train_ids) | (read_ids(cfg.val_ids) if cfg.val_ids else set())
     train_pairs, val_pairs = split_pairs(find_pairs(images, labels, listed), cfg.val_ids, cfg.val_fraction, cfg.train.seed,
                                         cfg.exclude_ids, cfg.train_ids)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out_dir / "flow_cache"
